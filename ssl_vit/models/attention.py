@@ -1,0 +1,67 @@
+"""Multi-head self-attention on ``scaled_dot_product_attention``, with optional 2-D RoPE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_vit.models.pos_embed import apply_rope
+
+RopeTables = tuple[torch.Tensor, torch.Tensor] | None
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def split_heads(self, qkv: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, ...]:
+        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.unbind(0)  # q, k, v: (B, heads, T, head_dim)
+
+    def attend(self, qkv: torch.Tensor, batch: int, tokens: int, rope: RopeTables) -> torch.Tensor:
+        """Attention of one group of equally sized sequences; returns (B, T, D) before ``proj``."""
+        q, k, v = self.split_heads(qkv, batch, tokens)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return out.transpose(1, 2).reshape(batch, tokens, -1)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        return self.proj(self.attend(self.qkv(x), batch, tokens, rope))
+
+    def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
+        """Several groups of different sequence lengths: the projections run once on all tokens."""
+        qkv_groups = tokenwise(self.qkv, xs)
+        attended = [
+            self.attend(qkv, x.shape[0], x.shape[1], rope) for qkv, x, rope in zip(qkv_groups, xs, ropes)
+        ]
+        return tokenwise(self.proj, attended)
+
+    def attention_map(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
+        """Softmax attention weights (B, heads, T, T), computed explicitly for inspection."""
+        batch, tokens, _ = x.shape
+        q, k, _ = self.split_heads(self.qkv(x), batch, tokens)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+def tokenwise(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Apply a per-token function once to the tokens of all groups, then split them back.
+
+    One large matrix product instead of one per crop size: fewer kernel launches on a GPU.
+    """
+    if len(xs) == 1:
+        return [fn(xs[0])]
+    flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+    out = fn(flat)
+    sizes = [x.shape[0] * x.shape[1] for x in xs]
+    return [o.reshape(x.shape[0], x.shape[1], -1) for o, x in zip(out.split(sizes), xs)]

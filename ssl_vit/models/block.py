@@ -1,0 +1,51 @@
+"""Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x))))."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vit.models.attention import Attention, RopeTables, tokenwise
+from ssl_vit.models.layers import DropPath, LayerScale, Mlp, SwiGLU, swiglu_hidden_dim
+
+FFN_LAYERS = ("mlp", "swiglu")
+
+
+class Block(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_layer: str = "mlp",
+        init_values: float | None = None,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        if ffn_layer == "mlp":
+            self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        elif ffn_layer == "swiglu":
+            self.mlp = SwiGLU(dim, swiglu_hidden_dim(dim, mlp_ratio))
+        else:
+            raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x
+
+    def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
+        """The same computation for groups of different lengths (multi-crop), batching the
+        per-token layers across groups; drop path stays per sample within each group."""
+        attended = self.attn.forward_list(tokenwise(self.norm1, xs), ropes)
+        xs = [x + self.drop_path1(self.ls1(a)) for x, a in zip(xs, attended)]
+        fed = tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), xs)
+        return [x + self.drop_path2(f) for x, f in zip(xs, fed)]

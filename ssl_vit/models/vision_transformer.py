@@ -1,0 +1,249 @@
+"""The one Vision Transformer backbone shared by every method.
+
+Token layout: [CLS], register tokens, then patch tokens in row-major order. Registers get no
+position embedding. Input paths:
+  * ``forward_features(images, masks)``: masked patches are replaced by the mask token before
+    positions are added (iBOT / DINOv2 student);
+  * ``forward_features([batch_a, batch_b, ...])``: several crop sizes in one call (multi-crop);
+  * ``forward_visible(images, ids_keep)``: encode only the given patches (MAE encoder);
+  * ``last_self_attention(images)``: attention weights of the last block (visualisation).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_vit.models.block import FFN_LAYERS, Block
+from ssl_vit.models.patch_embed import PatchEmbed
+from ssl_vit.models.pos_embed import Rope2D, interpolate_pos_embed, sincos_2d_table
+
+POS_EMBEDS = ("learned", "sincos", "rope")
+
+
+class VisionTransformer(nn.Module):
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        ffn_layer: str = "mlp",
+        init_values: float | None = None,
+        drop_path_rate: float = 0.0,
+        drop_path_uniform: bool = False,
+        num_register_tokens: int = 0,
+        pos_embed: str = "learned",
+        rope_theta: float = 100.0,
+        interpolate_offset: float = 0.0,
+        interpolate_antialias: bool = False,
+        norm_eps: float = 1e-6,
+        in_chans: int = 3,
+    ):
+        super().__init__()
+        if pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {pos_embed!r}")
+        if ffn_layer not in FFN_LAYERS:
+            raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
+        if in_chans != 3:
+            raise ValueError(f"the backbone always takes 3-channel images, got in_chans={in_chans}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        # Everything needed to rebuild this backbone: stored in checkpoints and exports.
+        self.arch = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.arch["img_size"] = list(img_size) if isinstance(img_size, (tuple, list)) else img_size
+
+        self.embed_dim = embed_dim
+        self.patch_size = int(patch_size)
+        self.num_heads = num_heads
+        self.num_register_tokens = num_register_tokens
+        self.pos_embed_type = pos_embed
+        self.interpolate_offset = interpolate_offset
+        self.interpolate_antialias = interpolate_antialias
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        rows, cols = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        self.base_grid = self.patch_embed.grid_size(rows, cols)
+        num_patches = self.base_grid[0] * self.base_grid[1]
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.register_tokens = (
+            nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        )
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        # Learned table: [CLS] entry first, then the base grid (the DINOv2 layout).
+        self.pos_embed = (
+            nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim)) if pos_embed == "learned" else None
+        )
+        self.rope = Rope2D(embed_dim // num_heads, rope_theta) if pos_embed == "rope" else None
+
+        if drop_path_uniform:
+            rates = [drop_path_rate] * depth
+        else:  # linear ramp 0 -> rate over depth
+            rates = [drop_path_rate * i / (depth - 1) if depth > 1 else drop_path_rate for i in range(depth)]
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, ffn_layer, init_values, rate, norm_eps)
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    def init_weights(self) -> None:
+        if self.pos_embed is not None:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Patch embedding as a linear layer on flattened patches (MAE's choice).
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    # ------------------------------------------------------------ positions
+    def patch_positions(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """Absolute positions (1, rows*cols, D) of the patch tokens for a grid, or None (RoPE)."""
+        if self.pos_embed_type == "learned":
+            return interpolate_pos_embed(
+                self.pos_embed[:, 1:], self.base_grid, grid, self.interpolate_offset, self.interpolate_antialias
+            )
+        if self.pos_embed_type == "sincos":
+            table = sincos_2d_table(self.embed_dim, *grid)
+            return table.to(device=self.cls_token.device, dtype=self.cls_token.dtype).unsqueeze(0)
+        return None
+
+    def rope_tables(self, grid: tuple[int, int]):
+        return self.rope(*grid) if self.rope is not None else None
+
+    def _check_masks(self, masks: torch.Tensor, batch: int, num_patches: int) -> None:
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool:
+            got = masks.dtype if isinstance(masks, torch.Tensor) else type(masks).__name__
+            raise TypeError(f"masks must be a bool tensor (True = masked patch), got {got}")
+        if tuple(masks.shape) != (batch, num_patches):
+            raise ValueError(
+                f"masks must have shape (B, N) = ({batch}, {num_patches}) for these images, "
+                f"got {tuple(masks.shape)}"
+            )
+
+    def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """Patch embedding, mask tokens, positions, [CLS] and registers -> (B, T, D), grid."""
+        x, grid = self.patch_embed(images)
+        batch, num_patches, _ = x.shape
+        if masks is not None:
+            self._check_masks(masks, batch, num_patches)
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        positions = self.patch_positions(grid)
+        cls = self.cls_token
+        if positions is not None:
+            x = x + positions
+        if self.pos_embed is not None:
+            cls = cls + self.pos_embed[:, :1]
+        prefix = [cls.expand(batch, -1, -1)]
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(batch, -1, -1))
+        return torch.cat(prefix + [x], dim=1), grid
+
+    # -------------------------------------------------------------- outputs
+    def split_tokens(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        normed = self.norm(x)
+        r = self.num_register_tokens
+        return {
+            "x_norm_clstoken": normed[:, 0],
+            "x_norm_regtokens": normed[:, 1 : 1 + r],
+            "x_norm_patchtokens": normed[:, 1 + r :],
+            "x_prenorm": x,
+        }
+
+    def forward_features(self, images, masks=None):
+        """Dict of normalised tokens for a batch, or a list of dicts for a list of batches."""
+        if isinstance(images, (list, tuple)):
+            return self.forward_features_list(list(images), masks)
+        x, grid = self.prepare_tokens(images, masks)
+        rope = self.rope_tables(grid)
+        for block in self.blocks:
+            x = block(x, rope)
+        return self.split_tokens(x)
+
+    def forward_features_list(self, images: list[torch.Tensor], masks=None) -> list[dict]:
+        """Multi-crop: groups of crops of different sizes go through the blocks together."""
+        if masks is None:
+            masks = [None] * len(images)
+        if len(masks) != len(images):
+            raise ValueError(f"got {len(images)} image batches but {len(masks)} masks (use None for unmasked)")
+        prepared = [self.prepare_tokens(img, m) for img, m in zip(images, masks)]
+        xs = [x for x, _ in prepared]
+        ropes = [self.rope_tables(grid) for _, grid in prepared]
+        for block in self.blocks:
+            xs = block.forward_list(xs, ropes)
+        return [self.split_tokens(x) for x in xs]
+
+    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encode only the patches ``ids_keep`` (B, K) (row-major indices), positions added first.
+
+        Returns the dict of ``forward_features`` with ``x_norm_patchtokens`` of shape (B, K, D) in
+        the order of ``ids_keep``.
+        """
+        if self.pos_embed_type == "rope":
+            raise ValueError("forward_visible needs absolute positions; pos_embed='rope' is not supported")
+        x, grid = self.patch_embed(images)
+        batch, num_patches, dim = x.shape
+        if ids_keep.ndim != 2 or ids_keep.shape[0] != batch or ids_keep.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"ids_keep must be an integer tensor of shape (B, K) with B={batch}, "
+                f"got {ids_keep.dtype} of shape {tuple(ids_keep.shape)}"
+            )
+        if ids_keep.numel() and (ids_keep.min() < 0 or ids_keep.max() >= num_patches):
+            raise ValueError(f"ids_keep must index patches in [0, {num_patches}), got values out of range")
+        x = x + self.patch_positions(grid)
+        x = torch.gather(x, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, dim))
+        cls = self.cls_token + (self.pos_embed[:, :1] if self.pos_embed is not None else 0)
+        prefix = [cls.expand(batch, -1, -1)]
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(batch, -1, -1))
+        x = torch.cat(prefix + [x], dim=1)
+        for block in self.blocks:
+            x = block(x)
+        return self.split_tokens(x)
+
+    @torch.no_grad()
+    def last_self_attention(self, images: torch.Tensor) -> torch.Tensor:
+        """Attention weights (B, heads, T, T) of the last block; the fast path never builds them."""
+        x, grid = self.prepare_tokens(images)
+        rope = self.rope_tables(grid)
+        for block in self.blocks[:-1]:
+            x = block(x, rope)
+        last = self.blocks[-1]
+        return last.attn.attention_map(last.norm1(x), rope)
+
+    def forward(self, images):
+        """The [CLS] embedding (B, D) (a list of them for a list of batches)."""
+        out = self.forward_features(images)
+        if isinstance(out, list):
+            return [o["x_norm_clstoken"] for o in out]
+        return out["x_norm_clstoken"]
+
+    def no_weight_decay_names(self) -> set[str]:
+        """Token parameters, listed for optimisers that exclude them (DINOv2 does decay them)."""
+        return {"cls_token", "register_tokens", "mask_token", "pos_embed"}
+
+
+def build_backbone(arch: dict[str, Any]) -> VisionTransformer:
+    """Build from a plain dict (a preset, a config node or a checkpoint's stored ``arch``)."""
+    arch = dict(arch)
+    if isinstance(arch.get("img_size"), list):
+        arch["img_size"] = tuple(arch["img_size"])
+    try:
+        return VisionTransformer(**arch)
+    except TypeError as err:
+        allowed = sorted(VisionTransformer.__init__.__code__.co_varnames[1:VisionTransformer.__init__.__code__.co_argcount])
+        raise TypeError(f"unknown backbone argument in {sorted(arch)}; allowed: {allowed} ({err})") from None
