@@ -1,0 +1,49 @@
+"""The Hydra model group agrees with the Python presets; bad model values fail with the key."""
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ssl_vit.config import backbone_arch, build_backbone_from_config
+from ssl_vit.models import PRESETS, VisionTransformer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_yaml_matches_preset_and_constructor_defaults(name):
+    node = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    assert node.name == name
+    arch = backbone_arch(node)
+    defaults = {
+        k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+        if k not in ("self", "in_chans")
+    }
+    assert set(arch) == set(defaults), "each model yaml lists every backbone argument"
+    expected = {**defaults, **PRESETS[name]}
+    assert arch == expected
+
+
+def compose_train(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="train", overrides=overrides)
+
+
+def test_default_train_config_is_dinov2_on_fashion_mnist_cpu_preset():
+    cfg = compose_train([])
+    assert cfg.method.name == "dinov2"
+    assert cfg.data.name == "fashion_mnist"
+    assert cfg.model.name == "vit_cpu" and cfg.model.patch_size == 4 and cfg.model.img_size == 32
+
+
+def test_patch_size_override_reaches_the_backbone():
+    cfg = compose_train(["model=vit_small", "model.patch_size=8"])
+    assert build_backbone_from_config(cfg.model).patch_size == 8
+
+
+def test_bad_model_value_names_the_value_and_the_allowed_ones():
+    cfg = compose_train(["model.pos_embed=absolute"])
+    with pytest.raises(ValueError, match=r"pos_embed must be one of .*'absolute'"):
+        build_backbone_from_config(cfg.model)
