@@ -1,0 +1,23 @@
+"""Losses of DINO and DINOv2: DINO cls loss with centering or Sinkhorn-Knopp, iBOT patch loss,
+KoLeo regulariser, plus small distributed helpers and a finiteness guard."""
+from ssl_vit.losses.checks import check_finite
+from ssl_vit.losses.dino import DINOLoss, ema_center_update
+from ssl_vit.losses.distributed import all_reduce_mean, all_reduce_sum, is_dist_enabled, rank, world_size
+from ssl_vit.losses.ibot import IBOTPatchLoss, masked_token_weights
+from ssl_vit.losses.koleo import koleo_loss
+from ssl_vit.losses.sinkhorn import sinkhorn_knopp
+
+__all__ = [
+    "DINOLoss",
+    "IBOTPatchLoss",
+    "all_reduce_mean",
+    "all_reduce_sum",
+    "check_finite",
+    "ema_center_update",
+    "is_dist_enabled",
+    "koleo_loss",
+    "masked_token_weights",
+    "rank",
+    "sinkhorn_knopp",
+    "world_size",
+]

@@ -1,0 +1,145 @@
+"""DINO cls-token loss with a centered (or Sinkhorn-Knopp) teacher."""
+from __future__ import annotations
+
+from typing import Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ssl_vit.losses.distributed import all_reduce_sum
+from ssl_vit.losses.sinkhorn import sinkhorn_knopp
+
+__all__ = ["DINOLoss", "ema_center_update"]
+
+Crops = Union[Sequence[torch.Tensor], torch.Tensor]
+
+
+def _stack_crops(crops: Crops, what: str) -> torch.Tensor:
+    """A list of ``(B, K)`` crops, or an already stacked ``(n, B, K)`` tensor -> ``(n, B, K)``."""
+    if isinstance(crops, torch.Tensor):
+        if crops.dim() != 3:
+            raise ValueError(f"{what}: expected a list of (B, K) tensors or one (n_crops, B, K) tensor")
+        return crops
+    crops = list(crops)
+    if not crops:
+        raise ValueError(f"{what}: no crops given")
+    return torch.stack(crops, dim=0)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 if any input is float64 (half-precision inputs are upcast)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@torch.no_grad()
+def ema_center_update(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> None:
+    """``center <- m * center + (1 - m) * mean(logits)``, the mean over all rows of all processes.
+
+    ``logits`` is ``(..., K)``; every leading index is one sample. The per-process sum and row
+    count are all-reduced together (one collective), so processes may hold different numbers of
+    rows. If no process holds any row, the center is left unchanged.
+    """
+    flat = logits.detach().reshape(-1, logits.shape[-1]).float()
+    stats = torch.cat([flat.sum(dim=0), flat.new_tensor([float(flat.shape[0])])])
+    all_reduce_sum(stats)
+    count = stats[-1]
+    batch_center = (stats[:-1] / count.clamp(min=1.0)).reshape(center.shape).to(center.dtype)
+    updated = center * momentum + batch_center * (1.0 - momentum)
+    # No host sync: keep the old center where nobody had a row.
+    center.copy_(torch.where(count > 0, updated, center))
+
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between teacher targets on the global crops and student predictions.
+
+    Crop layout (explicit indexing):
+
+    * student crops: ``[global_0, global_1, local_0, ..., local_{n-1}]``, each ``(B, K)`` logits;
+    * teacher crops: ``[global_0, global_1]``, each ``(B, K)`` *probabilities* (from
+      :meth:`softmax_center_teacher` or :meth:`sinkhorn_teacher`).
+
+    Teacher crop ``i`` is compared with every student crop except student crop ``i`` (a global
+    crop is never compared with itself; each local crop is compared with both teacher views).
+    Each pair contributes the batch mean of ``-sum_k p_t * log_softmax(s / student_temp)``, and
+    the loss is the sum over valid pairs divided by ``n_pairs = 2 * (n_crops - 1)`` with
+    ``n_crops = 2 + n_local`` (generally ``n_teacher * (n_student - 1)``).
+
+    Center order within a training step (the batch of step t must not be in the center used at
+    step t)::
+
+        probs = loss.softmax_center_teacher(teacher_logits, temp)   # uses the old center
+        value = loss(student_logits, probs.chunk(2))
+        loss.update_center(teacher_logits)                           # then fold in this batch
+
+    :meth:`softmax_center_teacher` never modifies the center; only :meth:`update_center` does.
+    With Sinkhorn-Knopp targets no center is used (DINOv2 then does not need to update it).
+    """
+
+    center: torch.Tensor
+
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+        super().__init__()
+        self.out_dim = out_dim
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+
+    # ----------------------------------------------------------------- teacher targets
+    @torch.no_grad()
+    def softmax_center_teacher(self, teacher_logits: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """``softmax((teacher_logits - center) / teacher_temp)`` in float32 (center subtracted
+        before the temperature). Does not update the center."""
+        return F.softmax((teacher_logits.float() - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
+    def sinkhorn_teacher(
+        self, teacher_logits: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp targets over the all-process batch (no center used). Pass the cls
+        logits of both global crops stacked as ``(2 * B_local, K)``; see :func:`sinkhorn_knopp`."""
+        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
+
+    # ----------------------------------------------------------------- loss
+    def forward(self, student_logits_list: Crops, teacher_probs_list: Crops) -> torch.Tensor:
+        """Average cross-entropy over the valid (teacher crop, student crop) pairs.
+
+        Args:
+            student_logits_list: ``n_student`` crops of ``(B, K)`` student logits, globals first
+                (or one ``(n_student, B, K)`` tensor).
+            teacher_probs_list: ``n_teacher`` (normally 2) crops of ``(B, K)`` teacher
+                probabilities, in the same order as the student's global crops.
+        """
+        student = _stack_crops(student_logits_list, "student_logits_list")
+        teacher = _stack_crops(teacher_probs_list, "teacher_probs_list")
+        n_t, n_s = teacher.shape[0], student.shape[0]
+        if n_s < n_t:
+            raise ValueError("the student must see at least the teacher's global crops")
+        if student.shape[1:] != teacher.shape[1:]:
+            raise ValueError(f"shape mismatch: student {tuple(student.shape)}, teacher {tuple(teacher.shape)}")
+        batch = student.shape[1]
+
+        dtype = compute_dtype(student, teacher)
+        teacher = teacher.to(dtype)
+        log_p_s = F.log_softmax(student.to(dtype) / self.student_temp, dim=-1)  # (n_s, B, K)
+        # ce[t, s] = mean over the batch of -sum_k p_t * log p_s, for every pair at once.
+        ce = -torch.einsum("tbk,sbk->ts", teacher, log_p_s) / batch
+        valid = torch.ones(n_t, n_s, dtype=torch.bool, device=ce.device)
+        idx = torch.arange(n_t, device=ce.device)
+        valid[idx, idx] = False  # global crop i is never compared with itself
+        n_pairs = n_t * (n_s - 1)
+        return ce.masked_fill(~valid, 0.0).sum() / n_pairs
+
+    # ----------------------------------------------------------------- center
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Crops) -> None:
+        """EMA of the mean *raw* teacher logits of both global crops over the whole batch.
+
+        ``teacher_logits``: ``(2 * B_local, K)``, a list of ``(B_local, K)`` crops, or
+        ``(2, B_local, K)``. ``center <- m * center + (1 - m) * mean`` where the mean is over
+        all rows of all processes (sum and count all-reduced; unequal batch sizes are fine).
+        Call it *after* computing this step's targets.
+        """
+        if not isinstance(teacher_logits, torch.Tensor):
+            teacher_logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_logits], dim=0)
+        ema_center_update(self.center, teacher_logits, self.center_momentum)

@@ -1,0 +1,143 @@
+"""Projection heads for self-distillation (DINO, and DINOv2's DINO / iBOT heads).
+
+``DINOHead`` follows the released DINO / DINOv2 heads:
+
+* an MLP ``Linear-GELU-(Linear-GELU)*(nlayers-2)-Linear`` from ``in_dim`` to ``bottleneck_dim``
+  (``nlayers=1`` is a single Linear), trunc-normal(0.02) weights and zero biases;
+* L2 normalisation of the bottleneck (``F.normalize(dim=-1, p=2)``; eps 1e-12, or 1e-6 for fp16
+  inputs as in DINOv2, where 1e-12 underflows);
+* a weight-normalised last layer without bias, ``W[k] = g[k] * V[k] / ||V[k]||`` (one norm per
+  prototype row), with the gain ``g`` initialised to 1.  DINO freezes it at 1
+  (``norm_last_layer=True``: every prototype has unit norm, ``g.requires_grad`` is False); DINOv2
+  learns it (``norm_last_layer=False``).
+
+The weight norm is written out explicitly with parameters ``last_layer.weight_g`` (shape
+``(out_dim, 1)``) and ``last_layer.weight_v`` (``(out_dim, bottleneck_dim)``): the same names and
+shapes as ``torch.nn.utils.weight_norm`` produces in the released checkpoints, so their head
+weights load unchanged.  As in the released code the MLP is initialised before the last layer
+is built, so ``weight_v`` keeps ``nn.Linear``'s default initialisation (its scale does not change
+the output, only the effective step size of the prototype directions).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class WeightNormLinear(nn.Module):
+    """Bias-free linear layer ``y = x @ W.T`` with ``W = g * V / ||V||_row`` (weight norm, dim 0)."""
+
+    def __init__(self, in_features: int, out_features: int, learn_gain: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.reset_parameters()
+        self.weight_g.requires_grad_(learn_gain)
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default: kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)).
+        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight_g.fill_(1.0)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective (out_features, in_features) weight."""
+        # Same as torch's norm_except_dim(v, 2, 0): no eps (a zero row would be a 0/0).
+        return self.weight_v * (self.weight_g / self.weight_v.norm(p=2, dim=1, keepdim=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"learn_gain={self.weight_g.requires_grad}"
+        )
+
+
+def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, use_bn: bool, bias: bool):
+    if nlayers == 1:
+        return nn.Linear(in_dim, bottleneck_dim, bias=bias)
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=bias)]
+    if use_bn:
+        layers.append(nn.BatchNorm1d(hidden_dim))
+    layers.append(nn.GELU())
+    for _ in range(nlayers - 2):
+        layers.append(nn.Linear(hidden_dim, hidden_dim, bias=bias))
+        if use_bn:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers.append(nn.GELU())
+    layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
+    return nn.Sequential(*layers)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: MLP -> L2-normalised bottleneck -> weight-normalised prototypes.
+
+    Args:
+        in_dim: input width (the backbone's embed_dim).
+        out_dim: number of prototypes K (DINO 65536; DINOv2 65536, its iBOT head 65536 too).
+        hidden_dim, bottleneck_dim, nlayers: MLP shape (2048, 256, 3 in both papers).
+        norm_last_layer: True (DINO) freezes the weight-norm gain at 1; False (DINOv2) learns it.
+        use_bn: BatchNorm after the hidden Linears (an option of the released code, off by default).
+        mlp_bias: biases in the MLP Linears.
+
+    Accepts inputs of shape (..., in_dim); returns (..., out_dim).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+        use_bn: bool = False,
+        mlp_bias: bool = True,
+    ):
+        super().__init__()
+        nlayers = max(int(nlayers), 1)
+        self.in_dim = in_dim
+        self.out_dim = out_dim
+        self.norm_last_layer = bool(norm_last_layer)
+        self.use_bn = bool(use_bn) and nlayers > 1
+        self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, use_bn, mlp_bias)
+        self.mlp.apply(self._init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, learn_gain=not self.norm_last_layer)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def bottleneck(self, x: torch.Tensor) -> torch.Tensor:
+        """The L2-normalised bottleneck features (..., bottleneck_dim)."""
+        x = self.mlp(x)
+        eps = 1e-6 if x.dtype == torch.float16 else 1e-12
+        return F.normalize(x, dim=-1, p=2, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_bn and x.dim() > 2:  # BatchNorm1d wants (N, C): flatten token dimensions
+            lead = x.shape[:-1]
+            return self.forward(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_dim)
+        return self.last_layer(self.bottleneck(x))
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the prototype layer (frozen for the first epoch by the methods)."""
+        return list(self.last_layer.parameters())
+
+    def last_layer_parameter_names(self) -> list[str]:
+        """Names (relative to this head) of :meth:`last_layer_parameters`."""
+        return [f"last_layer.{n}" for n, _ in self.last_layer.named_parameters()]
+
+
+__all__ = ["DINOHead", "WeightNormLinear"]
