@@ -1,0 +1,144 @@
+"""``load_backbone``: a ready ``VisionTransformer`` (eval mode) from a file or a checkpoint dict.
+
+Sources, by file:
+  * ``backbone.safetensors`` with ``backbone.json`` beside it: this framework's export; the JSON
+    holds ``{"arch": {...}, "preprocessing": {...}}`` and its arch is used;
+  * ``.ckpt`` (or any torch file) holding ``ckpt["ssl_vit"]``: this framework's training
+    checkpoints (see ``_from_training_checkpoint``);
+  * anything else (``.pth`` / ``.pt`` / ``.bin`` / ``.safetensors`` without JSON): an outside
+    checkpoint, converted by ``ssl_vit.models.convert`` (timm, DINO, DINOv2, MAE).
+
+Keyword arguments override the stored or inferred constructor args (``num_heads``,
+``interpolate_offset``, ...); ``layout=`` forces the converter for outside checkpoints.
+Loading is strict: missing, unexpected or wrongly shaped tensors raise a ValueError.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ssl_vit.models.convert import convert_state_dict, supported_layouts_message
+from ssl_vit.models.vision_transformer import VisionTransformer, build_backbone
+
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+SUFFIXES = TORCH_SUFFIXES + (".safetensors",)
+_MAX_LISTED = 30
+
+
+def _from_training_checkpoint(ckpt: Mapping) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Hook for this framework's Lightning checkpoints: (arch, backbone state dict).
+
+    The training code stores ``ckpt["ssl_vit"] = {"arch": backbone.arch,
+    "backbone_state_dict": backbone.state_dict(), ...}`` next to Lightning's own entries.
+    """
+    meta = ckpt.get("ssl_vit")
+    if not isinstance(meta, Mapping) or not isinstance(meta.get("arch"), Mapping):
+        raise ValueError("not an ssl_vit training checkpoint: ckpt['ssl_vit']['arch'] is missing")
+    state_dict = meta.get("backbone_state_dict")
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            "not an ssl_vit training checkpoint: ckpt['ssl_vit']['backbone_state_dict'] is missing"
+        )
+    return dict(meta["arch"]), dict(state_dict)
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return f"[{shown}{', ... and %d more' % (len(keys) - _MAX_LISTED) if len(keys) > _MAX_LISTED else ''}]"
+
+
+def load_state_dict_strict(
+    model: VisionTransformer, state_dict: Mapping[str, torch.Tensor], layout: str, source: str = "checkpoint"
+) -> None:
+    """``load_state_dict`` with errors naming the keys, the shapes and the detected layout."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"cannot load {source} (detected layout: {layout}) into the backbone: "
+            f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}"
+        )
+    mismatched = [
+        f"{key}: the backbone expects {tuple(expected[key].shape)}, the checkpoint has "
+        f"{tuple(state_dict[key].shape)}"
+        for key in sorted(expected)
+        if tuple(expected[key].shape) != tuple(state_dict[key].shape)
+    ]
+    if mismatched:
+        raise ValueError(
+            f"cannot load {source} (detected layout: {layout}): shape mismatch for "
+            + "; ".join(mismatched)
+        )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        # DINO / MAE training checkpoints keep their argparse options next to the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if path.suffix.lower() == ".ckpt":
+            # Lightning checkpoints of this framework store hyper-parameters as Python objects.
+            return torch.load(path, map_location="cpu", weights_only=False)
+        raise ValueError(
+            f"{path} holds Python objects that torch.load(weights_only=True) refuses ({err}). If you "
+            "trust the file, load it with torch.load(path, weights_only=False) and pass the dict "
+            "to load_backbone"
+        ) from None
+
+
+def _read_export_arch(path: Path) -> dict[str, Any]:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("arch"), dict):
+        raise ValueError(f"{path} has no 'arch' dict; expected {{'arch': {{...}}, 'preprocessing': {{...}}}}")
+    return meta["arch"]
+
+
+def _build(arch: dict[str, Any], state_dict: Mapping, layout: str, source: str) -> VisionTransformer:
+    model = build_backbone(arch)
+    load_state_dict_strict(model, state_dict, layout, source)
+    return model.eval()
+
+
+def load_backbone(path: str | Path | Mapping, layout: str | None = None, **arch: Any) -> VisionTransformer:
+    """Load a backbone in eval mode from a file (or an already loaded checkpoint dict)."""
+    if isinstance(path, Mapping):
+        checkpoint, source = path, "the given checkpoint dict"
+    else:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no backbone file at {path}")
+        suffix = path.suffix.lower()
+        if suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(path), device="cpu")
+            meta = path.with_suffix(".json")
+            if meta.is_file():
+                stored = _read_export_arch(meta)
+                return _build({**stored, **arch}, checkpoint, "ssl_vit export", source)
+        elif suffix in TORCH_SUFFIXES:
+            checkpoint = _torch_load(path)
+        else:
+            raise ValueError(
+                f"cannot load {path}: unknown file type {suffix!r}; expected one of {SUFFIXES}"
+            )
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict; "
+            + supported_layouts_message()
+        )
+    if "ssl_vit" in checkpoint:
+        stored, state_dict = _from_training_checkpoint(checkpoint)
+        return _build({**stored, **arch}, state_dict, "ssl_vit training checkpoint", source)
+    detected, state_dict, full_arch = convert_state_dict(checkpoint, layout=layout, **arch)
+    return _build(full_arch, state_dict, detected, source)
