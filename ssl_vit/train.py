@@ -1,34 +1,62 @@
-"""python -m ssl_vit.train [overrides]: self-supervised pretraining (Hydra entry point)."""
+"""python -m ssl_vit.train [overrides]: self-supervised pretraining (Hydra entry point).
+
+All outputs go to the Hydra run folder DIR: checkpoints/last.ckpt (resumed automatically when
+the same DIR is used again), logs/, and the final k-NN figures in metrics.json.
+"""
 from __future__ import annotations
 
-import sys
+import json
+import logging
+from pathlib import Path
 
 import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ssl_vit.build import build_datamodule, build_method, build_trainer, resume_path, validate
+from ssl_vit.callbacks.knn import knn_accuracy
 from ssl_vit.config import build_backbone_from_config
 
-IMPLEMENTED_METHODS: tuple[str, ...] = ()
+log = logging.getLogger("ssl_vit.train")
 
 
-def run(cfg: DictConfig) -> int:
-    backbone = build_backbone_from_config(cfg.model)  # validates the model config first
-    n_params = sum(p.numel() for p in backbone.parameters())
-    method = cfg.method.name
-    if method not in IMPLEMENTED_METHODS:
-        print(
-            f"ssl_vit: backbone {cfg.model.name} ready ({n_params / 1e6:.2f}M parameters), "
-            f"but no training method is implemented yet: method={method} lands with the "
-            f"DINO/DINOv2 issue. Nothing was trained.",
-            file=sys.stderr,
-        )
-        return 0
-    raise AssertionError("unreachable")
+def final_knn(cfg: DictConfig, method, datamodule, precision: str) -> dict[str, float]:
+    """k-NN top-1 on the full validation split: the trained teacher beside the same backbone
+    at random init (same seed, so the same initial weights the run started from)."""
+    bank, query = datamodule.knn_dataloaders("val")
+    dtype = torch.bfloat16 if "bf16" in precision else None
+    trained = knn_accuracy(method.teacher_backbone(), bank, query, method.device, autocast_dtype=dtype)
+    L.seed_everything(cfg.seed, verbose=False)
+    random_init = build_backbone_from_config(cfg.model).to(method.device)
+    baseline = knn_accuracy(random_init, bank, query, method.device, autocast_dtype=dtype)
+    return {"knn_top1": trained, "knn_top1_random_init": baseline}
+
+
+def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    validate(cfg)  # fail before any work starts
+    build_backbone_from_config(cfg.model)
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    method = build_method(cfg, datamodule)
+    trainer = build_trainer(cfg, out_dir, datamodule)
+    trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+
+    metrics: dict[str, float] = {"global_step": trainer.global_step}
+    if cfg.eval.final_knn and trainer.is_global_zero:
+        metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision)))
+        print(f"knn_top1={metrics['knn_top1']:.4f} (validation split, k=20)")
+        print(f"knn_top1_random_init={metrics['knn_top1_random_init']:.4f}")
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    sys.exit(run(cfg))
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

@@ -1,2 +1,8 @@
-"""Pretraining methods (DINO, DINOv2, MAE, distillation) and their shared optimisation pieces:
+"""Pretraining methods (one LightningModule each) and their shared optimisation pieces:
 schedules, parameter groups, EMA teacher and gradient clipping."""
+from ssl_vit.methods.dino import DINO
+from ssl_vit.methods.dinov2 import DINOv2
+
+METHODS = {"dino": DINO, "dinov2": DINOv2}
+
+__all__ = ["DINO", "DINOv2", "METHODS"]

@@ -32,20 +32,27 @@ _MAX_LISTED = 30
 
 
 def _from_training_checkpoint(ckpt: Mapping) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Hook for this framework's Lightning checkpoints: (arch, backbone state dict).
+    """This framework's Lightning checkpoints: (arch, backbone state dict).
 
-    The training code stores ``ckpt["ssl_vit"] = {"arch": backbone.arch,
-    "backbone_state_dict": backbone.state_dict(), ...}`` next to Lightning's own entries.
+    The training code stores ``ckpt["ssl_vit"] = {"arch": backbone.arch, "backbone_prefix":
+    "teacher.backbone.", ...}`` next to Lightning's own entries; the backbone's tensors are the
+    entries of ``ckpt["state_dict"]`` under that prefix (the teacher for DINO / DINOv2, the
+    encoder for MAE, the EMA student for distillation), so they are not stored twice.
     """
     meta = ckpt.get("ssl_vit")
     if not isinstance(meta, Mapping) or not isinstance(meta.get("arch"), Mapping):
         raise ValueError("not an ssl_vit training checkpoint: ckpt['ssl_vit']['arch'] is missing")
-    state_dict = meta.get("backbone_state_dict")
-    if not isinstance(state_dict, Mapping):
+    prefix = meta.get("backbone_prefix")
+    state = ckpt.get("state_dict")
+    if not isinstance(prefix, str) or not isinstance(state, Mapping):
         raise ValueError(
-            "not an ssl_vit training checkpoint: ckpt['ssl_vit']['backbone_state_dict'] is missing"
+            "not an ssl_vit training checkpoint: ckpt['ssl_vit']['backbone_prefix'] or "
+            "ckpt['state_dict'] is missing"
         )
-    return dict(meta["arch"]), dict(state_dict)
+    backbone_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not backbone_state:
+        raise ValueError(f"the checkpoint's state_dict has no entries under {prefix!r}")
+    return dict(meta["arch"]), backbone_state
 
 
 def _listing(keys: list[str]) -> str:

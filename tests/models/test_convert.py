@@ -382,9 +382,13 @@ def test_training_checkpoint_round_trip(tmp_path):
     ckpt = {
         "epoch": 4,
         "global_step": 100,
-        "state_dict": add_prefix(src.state_dict(), "student.backbone."),
+        # The student's backbone differs from the teacher's: only the teacher must be read.
+        "state_dict": {
+            **add_prefix(src.state_dict(), "teacher.backbone."),
+            **add_prefix({k: v + 1 for k, v in src.state_dict().items()}, "student.backbone."),
+        },
         "hyper_parameters": {"cfg": {"method": "dino"}, "when": datetime.date(2024, 1, 1)},
-        "ssl_vit": {"arch": src.arch, "backbone_state_dict": src.state_dict()},
+        "ssl_vit": {"arch": src.arch, "backbone_prefix": "teacher.backbone."},
     }
     arch, state_dict = _from_training_checkpoint(ckpt)
     assert arch == src.arch and set(state_dict) == set(src.state_dict())
@@ -392,8 +396,10 @@ def test_training_checkpoint_round_trip(tmp_path):
     backbone = load_backbone(tmp_path / "last.ckpt")
     assert backbone.arch == src.arch and not backbone.training
     assert_same_outputs(backbone, src, torch.randn(2, 3, 40, 24))
-    with pytest.raises(ValueError, match="backbone_state_dict"):
+    with pytest.raises(ValueError, match="backbone_prefix"):
         _from_training_checkpoint({"ssl_vit": {"arch": src.arch}})
+    with pytest.raises(ValueError, match="no entries under 'encoder.'"):
+        _from_training_checkpoint({**ckpt, "ssl_vit": {"arch": src.arch, "backbone_prefix": "encoder."}})
 
 
 # --------------------------------------------------------------- bad input

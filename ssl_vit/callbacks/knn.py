@@ -1,0 +1,40 @@
+"""k-NN monitor: weighted k-NN top-1 of the teacher backbone on labelled validation images."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ssl_vit.evaluation.knn import extract_features, knn_top1
+
+
+def knn_accuracy(backbone: torch.nn.Module, bank_loader, query_loader, device, k: int = 20,
+                 temperature: float = 0.07, autocast_dtype: torch.dtype | None = None) -> float:
+    bank, bank_labels = extract_features(backbone, bank_loader, device, autocast_dtype)
+    query, query_labels = extract_features(backbone, query_loader, device, autocast_dtype)
+    return knn_top1(bank, bank_labels, query, query_labels, k=k, temperature=temperature)
+
+
+class KNNMonitor(L.Callback):
+    """Every ``every_n_steps`` optimizer steps, logs ``knn_top1`` (k=20, T=0.07, cosine) of the
+    module's ``teacher_backbone()`` on a fixed, stratified subset of the validation split."""
+
+    def __init__(self, datamodule, every_n_steps: int = 100, max_train: int | None = 10000,
+                 max_eval: int | None = 2000, k: int = 20, temperature: float = 0.07):
+        self.datamodule = datamodule
+        self.every_n_steps = every_n_steps
+        self.max_train, self.max_eval = max_train, max_eval
+        self.k, self.temperature = k, temperature
+        self._loaders = None
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
+        if self._loaders is None:
+            self._loaders = self.datamodule.knn_dataloaders("val", max_train=self.max_train, max_eval=self.max_eval)
+        bf16 = "bf16" in str(trainer.precision)
+        accuracy = knn_accuracy(pl_module.teacher_backbone(), *self._loaders, pl_module.device, self.k,
+                                self.temperature, torch.bfloat16 if bf16 else None)
+        pl_module.log("knn_top1", accuracy, prog_bar=True, on_step=True, on_epoch=False)
+        return accuracy
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
+            self.evaluate(trainer, pl_module)

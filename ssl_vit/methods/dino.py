@@ -1,0 +1,60 @@
+"""DINO (Caron et al., 2021): self-distillation with no labels.
+
+Per step: the teacher (EMA of the student) embeds the two global crops; its outputs, centered
+and sharpened, are the targets for the student's outputs on every other crop (global and
+local); the center then absorbs this batch. Gradients are clipped per parameter tensor and the
+last layer receives none during the first epoch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vit.losses import DINOLoss
+from ssl_vit.methods.clipping import clip_per_tensor
+from ssl_vit.methods.self_distillation import SelfDistillationMethod
+from ssl_vit.models.heads import DINOHead
+
+
+def split_crops(logits: torch.Tensor, n_crops: int) -> list[torch.Tensor]:
+    """(n_crops * B, K), crop-major -> n_crops tensors of (B, K)."""
+    return list(logits.chunk(n_crops)) if n_crops else []
+
+
+class DINO(SelfDistillationMethod):
+    name = "dino"
+
+    def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
+        head = self.cfg["head"]
+        self.dino_loss = DINOLoss(head["out_dim"], self.cfg["student_temp"], self.cfg["center_momentum"])
+        return {
+            "dino_head": DINOHead(embed_dim, head["out_dim"], head["hidden_dim"], head["bottleneck_dim"],
+                                  head["nlayers"], norm_last_layer=head["norm_last_layer"])
+        }
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        globals_, locals_ = batch["global_crops"], batch["local_crops"]
+        batch_size = globals_.shape[0] // 2
+        n_local = locals_.shape[0] // batch_size
+
+        # Teacher: centered, sharpened targets from the two global crops.
+        with torch.no_grad():
+            teacher_logits = self.teacher.dino_head(self.teacher.backbone(globals_))
+            targets = self.dino_loss.softmax_center_teacher(teacher_logits, self.teacher_temp_at(self.global_step))
+
+        # Student: every crop, globals first, through one backbone call and one head call.
+        crops = [globals_, locals_] if n_local else [globals_]
+        cls_tokens = torch.cat(self.student.backbone(crops))
+        student_logits = self.student.dino_head(cls_tokens)
+
+        loss = self.dino_loss(split_crops(student_logits, 2 + n_local), split_crops(targets, 2))
+        total = self.checked_total({"dino": (1.0, loss)})
+        self.dino_loss.update_center(teacher_logits)  # after the targets: step t is not in its own center
+        self.log_collapse_metrics(targets, student_logits[: 2 * batch_size])
+        return total
+
+    def clip_gradients_as_in_paper(self) -> None:
+        clip_per_tensor(self.student.parameters(), self.optim_cfg["clip_grad"])
+        if self.last_layer_frozen(self.global_step):
+            for param in self.student.dino_head.last_layer_parameters():
+                param.grad = None

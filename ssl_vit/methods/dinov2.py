@@ -1,0 +1,96 @@
+"""DINOv2 (Oquab et al., 2023): DINO's image-level loss + iBOT's masked-patch loss + KoLeo.
+
+Per step: the teacher sees the unmasked global crops and gives cls targets and patch targets at
+the masked positions (Sinkhorn-Knopp or centering); the student sees the masked global crops and
+the local crops. Loss = DINO cls loss (cross-view pairs) + iBOT loss (masked patches) + 0.1 x
+KoLeo on the student's backbone cls tokens of each global crop. One global gradient norm is
+clipped per student module; the last layer gets lr 0 during the first epoch.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss
+from ssl_vit.methods.clipping import clip_global_per_module
+from ssl_vit.methods.dino import split_crops
+from ssl_vit.methods.self_distillation import SelfDistillationMethod
+from ssl_vit.models.heads import DINOHead
+
+CENTERINGS = ("sinkhorn_knopp", "centering")
+
+
+class DINOv2(SelfDistillationMethod):
+    name = "dinov2"
+    freeze_last_layer_by_lr = True
+
+    def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
+        cfg = self.cfg
+        if cfg["centering"] not in CENTERINGS:
+            raise ValueError(f"method.centering must be one of {CENTERINGS}, got {cfg['centering']!r}")
+
+        def head(spec) -> DINOHead:
+            return DINOHead(embed_dim, spec["out_dim"], spec["hidden_dim"], spec["bottleneck_dim"],
+                            spec["nlayers"], norm_last_layer=spec["norm_last_layer"])
+
+        self.dino_loss = DINOLoss(cfg["head"]["out_dim"], cfg["student_temp"], cfg["center_momentum"])
+        heads = {"dino_head": head(cfg["head"])}
+        ibot = cfg["ibot"]
+        if ibot["separate_head"]:
+            heads["ibot_head"] = head(ibot["head"])
+        patch_dim = ibot["head"]["out_dim"] if ibot["separate_head"] else cfg["head"]["out_dim"]
+        self.ibot_loss = IBOTPatchLoss(patch_dim, cfg["student_temp"], cfg["center_momentum"])
+        return heads
+
+    def patch_head(self, model: nn.ModuleDict) -> nn.Module:
+        return model["ibot_head"] if "ibot_head" in model else model["dino_head"]
+
+    @torch.no_grad()
+    def teacher_targets(self, globals_: torch.Tensor, masks: torch.Tensor, temp: float):
+        out = self.teacher.backbone.forward_features(globals_)
+        cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
+        patch_logits = self.patch_head(self.teacher)(out["x_norm_patchtokens"][masks])  # (M, K), row-major
+        if self.cfg["centering"] == "sinkhorn_knopp":
+            cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
+            patch_targets = self.ibot_loss.sinkhorn_teacher(patch_logits, temp)
+        else:
+            cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, temp)
+            patch_targets = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
+        return cls_logits, patch_logits, cls_targets, patch_targets
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        globals_, locals_, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        batch_size = globals_.shape[0] // 2
+        n_local = locals_.shape[0] // batch_size
+        temp = self.teacher_temp_at(self.global_step)
+
+        cls_logits_t, patch_logits_t, cls_targets, patch_targets = self.teacher_targets(globals_, masks, temp)
+
+        # Student: masked globals and unmasked locals in one multi-crop backbone call.
+        if n_local:
+            out_global, out_local = self.student.backbone.forward_features([globals_, locals_], [masks, None])
+            cls_tokens = torch.cat([out_global["x_norm_clstoken"], out_local["x_norm_clstoken"]])
+        else:
+            out_global = self.student.backbone.forward_features(globals_, masks)
+            cls_tokens = out_global["x_norm_clstoken"]
+        student_cls_logits = self.student.dino_head(cls_tokens)
+        student_patch_logits = self.patch_head(self.student)(out_global["x_norm_patchtokens"][masks])
+
+        dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
+        ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,
+                                             masks_weight=batch.get("mask_weights"))
+        # KoLeo on the backbone cls tokens, each global crop separately, summed.
+        koleo = sum(koleo_loss(crop) for crop in out_global["x_norm_clstoken"].chunk(2))
+        total = self.checked_total({
+            "dino": (self.cfg["dino_loss_weight"], dino),
+            "ibot": (self.cfg["ibot"]["loss_weight"], ibot),
+            "koleo": (self.cfg["koleo_loss_weight"], koleo),
+        })
+        if self.cfg["centering"] == "centering":
+            self.dino_loss.update_center(cls_logits_t)
+            self.ibot_loss.update_center(patch_logits_t)
+        self.log_collapse_metrics(cls_targets, student_cls_logits[: 2 * batch_size])
+        return total
+
+    def clip_gradients_as_in_paper(self) -> None:
+        clip_global_per_module(dict(self.student.items()), self.optim_cfg["clip_grad"])

@@ -1,0 +1,167 @@
+"""Shared base of DINO and DINOv2: a student, its EMA teacher and the per-step schedules.
+
+The base owns everything the two papers share (fidelity.md, "Heads, optimisation, schedules"):
+  * the teacher: a copy of the student (backbone + heads), updated by EMA with a cosine
+    momentum schedule, never trained by gradients, without drop path;
+  * per optimizer step: lr (scaled by the global batch, linear warm-up, cosine to min_lr),
+    weight decay (cosine), teacher temperature (linear warm-up then constant), last-layer freeze;
+  * AdamW on parameter groups (no decay on biases / norms / LayerScale, optional layer-wise
+    lr decay and patch-embed multiplier);
+  * what a checkpoint must carry for ``ssl_vit.load_backbone``: the architecture, the teacher
+    backbone's location in the state dict and the preprocessing.
+
+Subclasses implement ``build_heads`` and ``training_step`` (the paper's algorithm box) and
+say how gradients are clipped and how the last layer is frozen.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ssl_vit.losses import check_finite
+from ssl_vit.methods.ema import copy_student_to_teacher, ema_update
+from ssl_vit.methods.param_groups import apply_lr_wd, build_param_groups
+from ssl_vit.methods.schedules import (
+    freeze_last_layer_active,
+    lr_schedule,
+    momentum_schedule,
+    scaled_lr,
+    teacher_temp_schedule,
+    weight_decay_schedule,
+)
+from ssl_vit.models import build_backbone
+
+# Where the backbone that `ssl_vit.load_backbone` returns lives in a training checkpoint.
+TEACHER_BACKBONE_PREFIX = "teacher.backbone."
+
+
+class SelfDistillationMethod(L.LightningModule):
+    name = "self_distillation"
+    # DINOv2 freezes the last layer with lr 0; DINO drops its gradients instead.
+    freeze_last_layer_by_lr = False
+
+    def __init__(
+        self,
+        arch: dict[str, Any],
+        method: dict[str, Any],
+        optim: dict[str, Any],
+        total_steps: int,
+        steps_per_epoch: int,
+        global_batch_size: int,
+        preprocessing: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.cfg = method
+        self.optim_cfg = optim
+        self.preprocessing = preprocessing or {}
+
+        backbone = build_backbone(arch)
+        self.student = nn.ModuleDict({"backbone": backbone, **self.build_heads(backbone.embed_dim)})
+        self.teacher = copy_student_to_teacher(self.student)
+
+        def steps(epochs: float) -> int:
+            return int(round(float(epochs) * steps_per_epoch))
+
+        self.total_steps = int(total_steps)
+        self.base_lr = scaled_lr(optim["lr"], global_batch_size, optim["lr_scaling"])
+        self.lr_at = lr_schedule(self.base_lr, total_steps, steps(optim["warmup_epochs"]), optim["min_lr"])
+        self.wd_at = weight_decay_schedule(total_steps, optim["weight_decay"], optim["weight_decay_end"])
+        self.momentum_at = momentum_schedule(total_steps, method["momentum_teacher"], 1.0)
+        self.teacher_temp_at = teacher_temp_schedule(
+            steps(method["warmup_teacher_temp_epochs"]), method["warmup_teacher_temp"], method["teacher_temp"]
+        )
+        self.freeze_last_layer_steps = steps(method["freeze_last_layer_epochs"])
+
+    # ------------------------------------------------------------------ to implement
+    def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def clip_gradients_as_in_paper(self) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        groups = build_param_groups(
+            dict(self.student.items()),
+            weight_decay=self.optim_cfg["weight_decay"],
+            layerwise_decay=self.optim_cfg.get("layerwise_decay"),
+            patch_embed_lr_mult=self.optim_cfg.get("patch_embed_lr_mult", 1.0),
+        )
+        betas = tuple(self.optim_cfg.get("betas", (0.9, 0.999)))
+        return torch.optim.AdamW(groups, lr=self.base_lr, betas=betas)
+
+    def last_layer_frozen(self, step: int) -> bool:
+        return freeze_last_layer_active(step, self.freeze_last_layer_steps)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        step = self.global_step
+        apply_lr_wd(
+            self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers(),
+            self.lr_at(step),
+            self.wd_at(step),
+            freeze_last_layer=self.freeze_last_layer_by_lr and self.last_layer_frozen(step),
+        )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning calls this after backward (and unscaling) and before the optimizer step.
+        self.clip_gradients_as_in_paper()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # global_step already counts this batch's optimizer step: its schedule index is one less.
+        step = self.global_step - 1
+        momentum = self.momentum_at(step)
+        ema_update(self.teacher, self.student, momentum)
+        self.log_dict(
+            {"schedule/lr": self.lr_at(step), "schedule/wd": self.wd_at(step), "schedule/momentum": momentum,
+             "schedule/teacher_temp": self.teacher_temp_at(step)},
+            on_step=True, on_epoch=False,
+        )
+
+    def on_train_epoch_start(self) -> None:
+        self.teacher.eval()  # Lightning puts the whole module in train mode; the teacher never is
+
+    # ------------------------------------------------------------------ step helpers
+    def checked_total(self, weighted_terms: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
+        """Weighted sum of loss terms; a non-finite term stops the step naming term and step."""
+        total = 0.0
+        for term, (weight, value) in weighted_terms.items():
+            check_finite(term, value.detach(), self.global_step)
+            self.log(f"loss/{term}", value.detach(), on_step=True, prog_bar=False)
+            total = total + weight * value
+        self.log("loss", total.detach(), on_step=True, prog_bar=True)
+        return total
+
+    @torch.no_grad()
+    def log_collapse_metrics(self, teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> None:
+        """Teacher output entropy (per sample and of the batch mean) and KL(teacher || student),
+        normalised by log K: per-sample entropy near 1 means uniform outputs, batch-mean entropy
+        near 0 means every image lands on the same prototype (the two collapse modes)."""
+        log_k = math.log(teacher_probs.shape[-1])
+        p = teacher_probs.float()
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / log_k
+        mean_p = p.mean(0)
+        batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / log_k
+        log_q = torch.log_softmax(student_logits.float() / self.cfg["student_temp"], dim=-1)
+        kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
+        self.log_dict(
+            {"collapse/teacher_entropy": entropy, "collapse/teacher_batch_entropy": batch_entropy,
+             "collapse/kl_teacher_student": kl},
+            on_step=True,
+        )
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ssl_vit"] = {
+            "method": self.name,
+            "arch": dict(self.student.backbone.arch),
+            "backbone_prefix": TEACHER_BACKBONE_PREFIX,
+            "preprocessing": dict(self.preprocessing),
+        }
+
+    def teacher_backbone(self) -> nn.Module:
+        return self.teacher.backbone
