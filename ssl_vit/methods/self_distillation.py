@@ -19,6 +19,7 @@ import math
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 from torch import nn
 
@@ -65,7 +66,12 @@ class SelfDistillationMethod(L.LightningModule):
         self.teacher = copy_student_to_teacher(self.student)
 
         def steps(epochs: float) -> int:
-            return int(round(float(epochs) * steps_per_epoch))
+            # A warm-up longer than a (short) run is cut to the run: the schedule still ends.
+            wanted = int(round(float(epochs) * steps_per_epoch))
+            if wanted > total_steps:
+                rank_zero_warn(f"a warm-up of {epochs} epochs ({wanted} steps) is longer than the planned "
+                               f"run of {total_steps} steps; using {total_steps}")
+            return min(wanted, int(total_steps))
 
         self.total_steps = int(total_steps)
         self.base_lr = scaled_lr(optim["lr"], global_batch_size, optim["lr_scaling"])

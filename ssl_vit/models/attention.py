@@ -30,7 +30,12 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(qkv, batch, tokens)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        out = F.scaled_dot_product_attention(q, k, v)
+        if q.device.type == "cpu":
+            # Measured on this project's CPUs: plain softmax(q k^T) v runs forward+backward 2.5-5x
+            # faster than the CPU flash kernel at ViT sequence lengths (17-197 tokens).
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(batch, tokens, -1)
 
     def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:

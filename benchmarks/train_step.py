@@ -1,0 +1,76 @@
+"""Training-step throughput of a method at a model and crop setting.
+
+    python benchmarks/train_step.py method=dinov2 model=vit_small method.crops.global_size=224 \
+        method.crops.local_size=96 data=synthetic data.batch_size=32
+
+Arguments are the training config's overrides. Times the optimisation step alone (teacher and
+student forward, backward, clipping, AdamW, EMA) on one fixed batch from the real multi-crop
+pipeline, and separately the data pipeline (augmentation + collate, one process). bf16 autocast
+when trainer.precision is bf16-mixed (the default), on CUDA when a GPU is present.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from ssl_vit.build import build_datamodule, build_method, validate
+from ssl_vit.methods.ema import ema_update
+from ssl_vit.methods.param_groups import apply_lr_wd
+
+CONF = __file__.rsplit("/benchmarks/", 1)[0] + "/conf"
+
+
+def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="train", overrides=["data.num_workers=0"] + overrides)
+    validate(cfg)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    start = time.perf_counter()
+    batch = next(loader)
+    data_s = time.perf_counter() - start
+    batch_size = batch["global_crops"].shape[0] // 2
+
+    method = build_method(cfg, datamodule).to(device)
+    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    optimizer = method.configure_optimizers()
+    bf16 = "bf16" in str(cfg.trainer.precision)
+
+    def step() -> None:
+        apply_lr_wd(optimizer, method.lr_at(0), method.wd_at(0))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = method.training_step(batch, 0)
+        loss.backward()
+        method.clip_gradients_as_in_paper()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(method.teacher, method.student, method.momentum_at(0))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    step_s = (time.perf_counter() - start) / steps
+    crops = cfg.method.crops
+    print(f"{cfg.method.name} {cfg.model.name} batch {batch_size}, {2} x {crops.global_size}px + "
+          f"{crops.n_local} x {crops.local_size}px crops, {'bf16' if bf16 else 'fp32'} on {device}")
+    print(f"  training step: {step_s:.3f} s  ->  {batch_size / step_s:.1f} images/s")
+    print(f"  data pipeline (1 process): {data_s:.3f} s per batch  ->  {batch_size / data_s:.1f} images/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
