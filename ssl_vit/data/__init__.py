@@ -31,7 +31,6 @@ _EXPORTS = {
     "SyntheticDataset": "ssl_vit.data.synthetic",
     # datamodule.py
     "SSLDataModule": "ssl_vit.data.datamodule",
-    "DefaultEvalTransform": "ssl_vit.data.datamodule",
     "default_normalization": "ssl_vit.data.datamodule",
     "IMAGENET_MEAN": "ssl_vit.data.datamodule",
     "IMAGENET_STD": "ssl_vit.data.datamodule",

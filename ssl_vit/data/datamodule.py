@@ -38,10 +38,9 @@ from ssl_vit.data.datasets import (
     split_indices,
 )
 
-logger = logging.getLogger("ssl_vit.data")
+from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+logger = logging.getLogger("ssl_vit.data")
 
 _OPTIONS = {
     "fashion_mnist": ("download", "source_dir"),
@@ -59,45 +58,6 @@ def default_normalization(dataset: str) -> tuple[list[float], list[float]]:
     if dataset == "imagefolder":
         return list(IMAGENET_MEAN), list(IMAGENET_STD)
     return [0.5] * 3, [0.5] * 3
-
-
-class DefaultEvalTransform:
-    """PIL image -> normalised (3, resolution, resolution) float tensor, without augmentation.
-
-    ``crop_pct < 1``: resize the shorter side to ``resolution / crop_pct``, then centre-crop
-    (the usual ImageNet evaluation); ``crop_pct == 1``: resize the whole image to
-    ``resolution x resolution``. Bicubic interpolation. Grayscale is replicated to 3 channels.
-    """
-
-    def __init__(
-        self,
-        resolution: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        crop_pct: float = 1.0,
-    ):
-        self.resolution = int(resolution)
-        self.mean = [float(m) for m in mean]
-        self.std = [float(s) for s in std]
-        self.crop_pct = float(crop_pct)
-
-    def __call__(self, image):
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms import functional as F
-
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        if self.crop_pct < 1.0:
-            image = F.resize(image, int(round(self.resolution / self.crop_pct)),
-                             interpolation=InterpolationMode.BICUBIC)
-            image = F.center_crop(image, [self.resolution, self.resolution])
-        elif image.size != (self.resolution, self.resolution):
-            image = F.resize(image, [self.resolution, self.resolution], interpolation=InterpolationMode.BICUBIC)
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(resolution={self.resolution}, mean={self.mean}, std={self.std}, "
-                f"crop_pct={self.crop_pct})")
 
 
 def _three(values: float | Sequence[float], setting: str) -> list[float]:
@@ -124,7 +84,7 @@ class SSLDataModule(L.LightningDataModule):
         train_transform: callable on an RGB PIL image (e.g. the multi-crop transform); default:
             the evaluation transform.
         eval_transform: callable on an RGB PIL image returning a tensor; default
-            :class:`DefaultEvalTransform` with ``image_size``, ``mean``, ``std``.
+            :class:`ssl_vit.data.transforms.EvalTransform` with ``image_size``, ``mean``, ``std``.
         collate_fn: batches the training items; default ``default_collate``.
         val_size: images carved out of the training data for validation (count, or fraction);
             default 5,000 for Fashion-MNIST, 10% (at most 5,000) for an image folder; for
@@ -206,7 +166,7 @@ class SSLDataModule(L.LightningDataModule):
         self.image_size = image_size
         self.crop_pct = 0.875 if dataset == "imagefolder" else 1.0
 
-        self.eval_transform = eval_transform or DefaultEvalTransform(image_size, self.mean, self.std, self.crop_pct)
+        self.eval_transform = eval_transform or EvalTransform(image_size, self.mean, self.std, self.crop_pct)
         self.train_transform = train_transform or self.eval_transform
         self.collate_fn = collate_fn or default_collate
         self._datasets: dict[str, Dataset] = {}
