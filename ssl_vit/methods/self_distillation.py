@@ -146,7 +146,9 @@ class SelfDistillationMethod(L.LightningModule):
     def log_collapse_metrics(self, teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> None:
         """Teacher output entropy (per sample and of the batch mean) and KL(teacher || student),
         normalised by log K: per-sample entropy near 1 means uniform outputs, batch-mean entropy
-        near 0 means every image lands on the same prototype (the two collapse modes)."""
+        near 0 means every image lands on the same prototype (the two collapse modes). Their
+        difference is the mutual information between image and prototype: near 0 whenever all
+        images get the same distribution, sharp or flat (the state of a random init)."""
         log_k = math.log(teacher_probs.shape[-1])
         p = teacher_probs.float()
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / log_k
@@ -156,6 +158,7 @@ class SelfDistillationMethod(L.LightningModule):
         kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
         self.log_dict(
             {"collapse/teacher_entropy": entropy, "collapse/teacher_batch_entropy": batch_entropy,
+             "collapse/teacher_mutual_information": batch_entropy - entropy,
              "collapse/kl_teacher_student": kl},
             on_step=True,
         )
