@@ -106,8 +106,9 @@ class SelfDistillationMethod(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         step = self.global_step
+        optimizer = self.optimizers()
         apply_lr_wd(
-            self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers(),
+            getattr(optimizer, "optimizer", optimizer),  # unwrap Lightning's optimizer wrapper
             self.lr_at(step),
             self.wd_at(step),
             freeze_last_layer=self.freeze_last_layer_by_lr and self.last_layer_frozen(step),
