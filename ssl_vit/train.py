@@ -36,7 +36,8 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str) -> dict[str, 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     validate(cfg)  # fail before any work starts
-    build_backbone_from_config(cfg.model)
+    with torch.device("meta"):  # checks the model config without allocating its weights
+        build_backbone_from_config(cfg.model)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
