@@ -9,6 +9,11 @@ weighted k-NN (k=20, T=0.07, cosine) on the official test split with all 60k tra
 as the bank, beside two floors: the same backbone at random init and the raw pixels
 (32x32, standardised). Extra arguments are training overrides (tune on the validation split:
 python -m ssl_vit.train prints its k-NN on it).
+
+Budgets run shortest first, every method at one budget before the next budget. Results are
+written to OUT/results.json after every run; running the same command again skips the runs
+already there (a 2 x 75-minute benchmark can be spread over several sittings). Keep the
+machine otherwise idle: the step count of each budget comes from the measured step time.
 """
 from __future__ import annotations
 
@@ -25,9 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train(out_dir: Path, overrides: list[str]) -> float:
-    """Runs python -m ssl_vit.train; returns its wall time in seconds."""
+    """Runs python -m ssl_vit.train in a fresh directory; returns its wall time in seconds."""
     cmd = [sys.executable, "-m", "ssl_vit.train", f"hydra.run.dir={out_dir}", "eval.final_knn=false",
            "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false"] + overrides
+    if (out_dir / "checkpoints").exists():  # an interrupted earlier attempt: start over, not resume
+        import shutil
+
+        shutil.rmtree(out_dir)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode:
@@ -61,6 +70,26 @@ def raw_pixel_knn(loaders) -> float:
     return knn_top1(*pixels(loaders[0]), *pixels(loaders[1]))
 
 
+def random_init_knn(method: str, overrides: list[str], loaders) -> float:
+    import lightning as L
+    from hydra import compose, initialize_config_dir
+
+    from ssl_vit.config import build_backbone_from_config
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="train", overrides=[f"method={method}"] + overrides)
+    L.seed_everything(cfg.seed, verbose=False)
+    return knn_of(build_backbone_from_config(cfg.model), loaders)
+
+
+def seconds_per_step(method: str, overrides: list[str], out: Path, steps: int) -> float:
+    """The same run for 2n and n steps: the difference is n steps without the start-up cost."""
+    base = [f"method={method}"] + overrides
+    short = train(out / f"{method}_cal1", base + [f"trainer.max_steps={steps}"])
+    long = train(out / f"{method}_cal2", base + [f"trainer.max_steps={2 * steps}"])
+    return max((long - short) / steps, 1e-3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["dino", "dinov2"])
@@ -69,39 +98,55 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "knn_fashion")
     args, overrides = parser.parse_known_args()
 
-    import lightning as L
-
     import ssl_vit
-    from ssl_vit.config import build_backbone_from_config
-    from hydra import compose, initialize_config_dir
+
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if results and results.get("overrides") != overrides:
+        raise SystemExit(f"{results_file} holds runs with overrides {results.get('overrides')}, not {overrides}: "
+                         "pass the same overrides, or another --out")
+    results.setdefault("overrides", overrides)
+    results.setdefault("methods", {})
+    results.setdefault("runs", [])
+
+    def save() -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        results_file.write_text(json.dumps(results, indent=2))
 
     loaders = test_loaders()
-    results = {"raw_pixels": raw_pixel_knn(loaders), "runs": []}
-    print(f"raw pixels (32x32, standardised): knn_top1={results['raw_pixels']:.4f}")
+    if "raw_pixels" not in results:
+        results["raw_pixels"] = raw_pixel_knn(loaders)
+        save()
+    print(f"raw pixels (32x32, standardised): knn_top1={results['raw_pixels']:.4f}", flush=True)
     for method in args.methods:
-        base = [f"method={method}"] + overrides
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-            cfg = compose(config_name="train", overrides=base)
-        L.seed_everything(cfg.seed, verbose=False)
-        random_init = knn_of(build_backbone_from_config(cfg.model), loaders)
-        # Calibration: the same run twice as long minus once gives seconds per step without
-        # the fixed start-up cost.
-        short = train(args.out / f"{method}_cal1", base + [f"trainer.max_steps={args.calibration_steps}"])
-        long = train(args.out / f"{method}_cal2", base + [f"trainer.max_steps={2 * args.calibration_steps}"])
-        per_step = max((long - short) / args.calibration_steps, 1e-3)
-        print(f"{method}: random init knn_top1={random_init:.4f}; {per_step:.2f} s per step")
-        for minutes in args.minutes:
-            steps = max(1, int(minutes * 60 / per_step))
-            out_dir = args.out / f"{method}_{minutes:g}min"
-            wall = train(out_dir, base + [f"trainer.max_steps={steps}"])
-            accuracy = knn_of(ssl_vit.load_backbone(out_dir / "checkpoints" / "last.ckpt"), loaders)
-            row = dict(method=method, minutes=minutes, steps=steps, wall_s=round(wall, 1),
-                       knn_top1=accuracy, random_init=random_init)
-            results["runs"].append(row)
-            print(f"  {minutes:>4g} min ({steps} steps, {wall / 60:.1f} min wall): knn_top1={accuracy:.4f} "
-                  f"({100 * (accuracy - random_init):+.1f} points over random init)")
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+        if method not in results["methods"]:
+            results["methods"][method] = {
+                "random_init": random_init_knn(method, overrides, loaders),
+                "seconds_per_step": seconds_per_step(method, overrides, args.out, args.calibration_steps),
+            }
+            save()
+        info = results["methods"][method]
+        print(f"{method}: random init knn_top1={info['random_init']:.4f}; "
+              f"{info['seconds_per_step']:.2f} s per step", flush=True)
+
+    for minutes in sorted(args.minutes):
+        for method in args.methods:
+            info = results["methods"][method]
+            done = [r for r in results["runs"] if r["method"] == method and r["minutes"] == minutes]
+            if not done:
+                steps = max(1, int(minutes * 60 / info["seconds_per_step"]))
+                out_dir = args.out / f"{method}_{minutes:g}min"
+                wall = train(out_dir, [f"method={method}", f"trainer.max_steps={steps}"] + overrides)
+                accuracy = knn_of(ssl_vit.load_backbone(out_dir / "checkpoints" / "last.ckpt"), loaders)
+                results["runs"].append(dict(method=method, minutes=minutes, steps=steps, wall_s=round(wall, 1),
+                                            knn_top1=accuracy))
+                save()
+                done = results["runs"][-1:]
+            row = done[0]
+            print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps, {row['wall_s'] / 60:.1f} min wall): "
+                  f"knn_top1={row['knn_top1']:.4f} ({100 * (row['knn_top1'] - info['random_init']):+.1f} points "
+                  f"over random init, {100 * (row['knn_top1'] - results['raw_pixels']):+.1f} over raw pixels)",
+                  flush=True)
 
 
 if __name__ == "__main__":

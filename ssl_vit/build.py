@@ -109,11 +109,9 @@ def build_logger(cfg: DictConfig, out_dir: Path):
 
 def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule) -> L.Trainer:
     ckpt_dir = out_dir / "checkpoints"
-    callbacks: list[Any] = [
-        LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps),
-        TQDMProgressBar(refresh_rate=1),
-        CollapseMonitor(),
-    ]
+    callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
+    if cfg.trainer.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: quiet logs
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval))

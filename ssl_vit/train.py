@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ssl_vit.build import build_datamodule, build_method, build_trainer, resume_path, validate
-from ssl_vit.callbacks.knn import knn_accuracy
+from ssl_vit.callbacks.knn import knn_accuracies
 from ssl_vit.config import build_backbone_from_config
 
 log = logging.getLogger("ssl_vit.train")
@@ -27,10 +27,10 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str) -> dict[str, 
     at random init (same seed, so the same initial weights the run started from)."""
     bank, query = datamodule.knn_dataloaders("val")
     dtype = torch.bfloat16 if "bf16" in precision else None
-    trained = knn_accuracy(method.teacher_backbone(), bank, query, method.device, autocast_dtype=dtype)
     L.seed_everything(cfg.seed, verbose=False)
     random_init = build_backbone_from_config(cfg.model).to(method.device)
-    baseline = knn_accuracy(random_init, bank, query, method.device, autocast_dtype=dtype)
+    trained, baseline = knn_accuracies([method.teacher_backbone(), random_init], bank, query, method.device,
+                                       autocast_dtype=dtype)
     return {"knn_top1": trained, "knn_top1_random_init": baseline}
 
 
@@ -47,11 +47,18 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
 
     metrics: dict[str, float] = {"global_step": trainer.global_step}
-    if cfg.eval.final_knn and trainer.is_global_zero:
+    if not trainer.is_global_zero:
+        return metrics
+    if cfg.eval.final_knn:
         metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision)))
         print(f"knn_top1={metrics['knn_top1']:.4f} (validation split, k=20)")
         print(f"knn_top1_random_init={metrics['knn_top1_random_init']:.4f}")
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    # Counted in this process; DataLoader workers count the files they skip in their own copies.
+    metrics["skipped_files"] = datamodule.num_skipped
+    if metrics["skipped_files"]:
+        print(f"skipped {metrics['skipped_files']} unreadable files under data.root={cfg.data.get('root')} "
+              "(named in the warnings above)")
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 

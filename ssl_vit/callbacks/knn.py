@@ -1,17 +1,26 @@
 """k-NN monitor: weighted k-NN top-1 of the teacher backbone on labelled validation images."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import lightning as L
 import torch
 
-from ssl_vit.evaluation.knn import extract_features, knn_top1
+from ssl_vit.evaluation.knn import extract_features_of_many, knn_top1
 
 
 def knn_accuracy(backbone: torch.nn.Module, bank_loader, query_loader, device, k: int = 20,
                  temperature: float = 0.07, autocast_dtype: torch.dtype | None = None) -> float:
-    bank, bank_labels = extract_features(backbone, bank_loader, device, autocast_dtype)
-    query, query_labels = extract_features(backbone, query_loader, device, autocast_dtype)
-    return knn_top1(bank, bank_labels, query, query_labels, k=k, temperature=temperature)
+    return knn_accuracies([backbone], bank_loader, query_loader, device, k, temperature, autocast_dtype)[0]
+
+
+def knn_accuracies(backbones: Sequence[torch.nn.Module], bank_loader, query_loader, device, k: int = 20,
+                   temperature: float = 0.07, autocast_dtype: torch.dtype | None = None) -> list[float]:
+    """Weighted k-NN top-1 of each backbone, the images read once for all of them."""
+    banks, bank_labels = extract_features_of_many(backbones, bank_loader, device, autocast_dtype)
+    queries, query_labels = extract_features_of_many(backbones, query_loader, device, autocast_dtype)
+    return [knn_top1(bank, bank_labels, query, query_labels, k=k, temperature=temperature)
+            for bank, query in zip(banks, queries)]
 
 
 class KNNMonitor(L.Callback):

@@ -215,6 +215,17 @@ class SSLDataModule(L.LightningDataModule):
         classes = getattr(ds, "classes", None) if ds is not None else None
         return len(classes) if classes else None
 
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable image files skipped so far (in this process) by the data sets built here;
+        each underlying data set is counted once, however many splits share it."""
+        underlying = {}
+        for dataset in self._datasets.values():
+            while isinstance(getattr(dataset, "dataset", None), Dataset):  # subsets and wrappers
+                dataset = dataset.dataset
+            underlying[id(dataset)] = dataset
+        return sum(getattr(dataset, "num_skipped", 0) for dataset in underlying.values())
+
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         dataset = TransformedDataset(self.get_dataset("train"), self.train_transform, to_rgb=True)

@@ -5,6 +5,8 @@ for its class with weight exp(s / T). Defaults: k=20, T=0.07.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -14,17 +16,31 @@ from torch.utils.data import DataLoader
 def extract_features(backbone: torch.nn.Module, loader: DataLoader, device: torch.device | str = "cpu",
                      autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """[CLS] embeddings (N, D) in fp32 and labels (N,) of every batch of ``loader``."""
-    was_training = backbone.training
-    backbone.eval()
+    (features,), labels = extract_features_of_many([backbone], loader, device, autocast_dtype)
+    return features, labels
+
+
+@torch.no_grad()
+def extract_features_of_many(backbones: Sequence[torch.nn.Module], loader: DataLoader,
+                             device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
+                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``([features (N, D) of each backbone], labels (N,))`` from one pass over ``loader``:
+    decoding and transforming the images often costs as much as a small backbone's forward."""
+    was_training = [backbone.training for backbone in backbones]
+    for backbone in backbones:
+        backbone.eval()
     device = torch.device(device)
-    features, labels = [], []
+    features: list[list[torch.Tensor]] = [[] for _ in backbones]
+    labels = []
     for images, targets in loader:
+        images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            feats = backbone(images.to(device, non_blocking=True))
-        features.append(feats.float().cpu())
+            for out, backbone in zip(features, backbones):
+                out.append(backbone(images).float().cpu())
         labels.append(torch.as_tensor(targets).cpu())
-    backbone.train(was_training)
-    return torch.cat(features), torch.cat(labels).long()
+    for backbone, mode in zip(backbones, was_training):
+        backbone.train(mode)
+    return [torch.cat(out) for out in features], torch.cat(labels).long()
 
 
 @torch.no_grad()

@@ -1,0 +1,74 @@
+"""python -m ssl_vit.train on bad input: a messy image folder trains on its good images and
+reports the skipped files; an empty folder or an impossible crop size fails before training."""
+import io
+import json
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ssl_vit.train import run
+from training_helpers import compose_train
+
+# A tiny but complete DINOv2 run on an image folder (data.root is added per test).
+FOLDER_RUN = [
+    "data=imagefolder", "data.batch_size=4", "data.num_workers=0", "data.val_size=4", "model.depth=2",
+    "method.crops.n_local=2", "method.head.out_dim=64", "method.head.hidden_dim=64",
+    "method.head.bottleneck_dim=16", "method.ibot.head.out_dim=64", "trainer.precision=32",
+    "trainer.max_steps=3", "+trainer.enable_progress_bar=false", "logger=csv", "eval.knn_every_n_steps=0",
+]
+
+
+def _image(seed: int, fmt: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (36, 40, 3), dtype=np.uint8)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def messy_folder(tmp_path):
+    root = tmp_path / "images"
+    for label, name in enumerate(("shirt", "shoe")):
+        (root / name).mkdir(parents=True)
+        for i in range(8):
+            (root / name / f"{i}.png").write_bytes(_image(10 * label + i, "PNG"))
+    (root / "shirt" / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (root / "shoe" / "truncated.png").write_bytes(_image(99, "PNG")[:200])
+    (root / "shoe" / "readme.txt").write_text("not an image, and not named like one")
+    (root / "shoe" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def test_messy_folder_trains_on_the_good_images_and_reports_the_skipped(messy_folder, tmp_path, caplog, capsys):
+    cfg = compose_train(FOLDER_RUN + [f"data.root={messy_folder}"])
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.data"):
+        metrics = run(cfg, tmp_path / "run")
+    assert metrics["global_step"] == 3  # trained to the end
+    assert metrics["skipped_files"] == 3  # corrupt.jpg, truncated.png, empty.jpg; readme.txt is no image
+    assert "skipped 3 unreadable files" in capsys.readouterr().out
+    assert any("corrupt.jpg" in r.getMessage() for r in caplog.records)
+    assert 0.0 <= metrics["knn_top1"] <= 1.0  # the 16 good images are labelled: k-NN ran on them
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["skipped_files"] == 3 and saved["global_step"] == 3
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+@pytest.mark.parametrize(
+    "make_root, overrides, match",
+    [
+        ("empty", [], r"data.root=.*nothing_here. contains no image files"),
+        ("messy", ["method.crops.global_size=30"], r"method.crops.global_size=30 is not a multiple of model.patch_size=4"),
+    ],
+)
+def test_bad_input_fails_before_training(make_root, overrides, match, messy_folder, tmp_path):
+    root = messy_folder
+    if make_root == "empty":
+        root = tmp_path / "nothing_here"
+        root.mkdir()
+    cfg = compose_train(FOLDER_RUN + [f"data.root={root}"] + overrides)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=match):
+        run(cfg, out)
+    assert not (out / "checkpoints").exists()  # nothing started
