@@ -16,6 +16,7 @@ from ssl_vit.data.datamodule import SSLDataModule, default_normalization
 from ssl_vit.data.masking import BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.methods import METHODS
+from ssl_vit.models.load import load_backbone
 
 LOGGERS = ("csv", "wandb")
 
@@ -36,6 +37,10 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.logger.name not in LOGGERS:
         raise ValueError(f"logger={cfg.logger.name!r}; allowed: {LOGGERS}")
+    init = cfg.model.get("init")
+    if init and not os.path.isfile(str(init)):
+        raise ValueError(f"model.init={init!r} is not a file; give a backbone checkpoint or export "
+                         "(timm / DINO / DINOv2 / MAE weights, or an ssl_vit .ckpt / .safetensors)")
     if not cfg.trainer.max_steps or cfg.trainer.max_steps < 1:
         if not cfg.trainer.get("max_epochs"):
             raise ValueError("set trainer.max_steps (or trainer.max_epochs): schedules need a planned run length")
@@ -76,7 +81,7 @@ def planned_steps(cfg: DictConfig, steps_per_data_epoch: int) -> tuple[int, int]
 def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int = 1):
     steps_per_data_epoch = len(datamodule.train_dataloader())
     total_steps, steps_per_epoch = planned_steps(cfg, steps_per_data_epoch)
-    return METHODS[cfg.method.name](
+    method = METHODS[cfg.method.name](
         arch=backbone_arch(cfg.model),
         method=to_dict(cfg.method),
         optim=to_dict(cfg.optim),
@@ -85,6 +90,10 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int = 1
         global_batch_size=cfg.data.batch_size * world_size,
         preprocessing=datamodule.describe(),
     )
+    if cfg.model.get("init"):  # student and teacher start from the same outside weights
+        start = load_backbone(cfg.model.init, **backbone_arch(cfg.model))
+        method.load_backbone_weights(start.state_dict())
+    return method
 
 
 def build_logger(cfg: DictConfig, out_dir: Path):

@@ -83,7 +83,13 @@ class SelfDistillationMethod(L.LightningModule):
         )
         self.freeze_last_layer_steps = steps(method["freeze_last_layer_epochs"])
 
+    def load_backbone_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Start student and teacher backbones from the same weights (``model.init``)."""
+        self.student.backbone.load_state_dict(state_dict)
+        self.teacher.backbone.load_state_dict(state_dict)
+
     # ------------------------------------------------------------------ to implement
+
     def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         raise NotImplementedError
 
