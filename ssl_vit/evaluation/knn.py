@@ -59,7 +59,8 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, query_
     for start in range(0, query_features.shape[0], chunk_size):
         query = F.normalize(query_features[start : start + chunk_size].float(), dim=1)
         similarity, index = (query @ bank.T).topk(k, dim=1)
-        weights = (similarity / temperature).exp()
+        # exp((s - s_max) / T): the same votes up to a factor per query, without overflow at small T
+        weights = ((similarity - similarity[:, :1]) / temperature).exp()
         votes = torch.zeros(query.shape[0], num_classes, dtype=weights.dtype)
         votes.scatter_add_(1, train_labels[index], weights)
         predictions.append(votes.argmax(dim=1))

@@ -49,3 +49,15 @@ def test_top1_and_bad_input():
     assert knn_top1(train, labels, train, labels, k=1) == 1.0
     with pytest.raises(ValueError, match="labels < 0"):
         knn_predict(train, torch.tensor([0, -1, 2]), train)
+
+
+def test_small_temperature_does_not_overflow():
+    # exp(1 / 0.005) overflows float32: one neighbour at similarity 1.0 (class 0) against two at
+    # 0.999 (class 1). By hand, the votes are e^200 vs 2 e^199.8 = e^200 * 2 e^-0.2 = 1.64 e^200:
+    # class 1 wins, as plain Python floats (no overflow up to e^709) confirm. With overflowing
+    # float32 votes both classes get inf and the tie goes to class 0.
+    train = torch.tensor([[1.0, 0.0], [0.999, math.sqrt(1 - 0.999**2)], [0.999, -math.sqrt(1 - 0.999**2)]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.0]])
+    assert knn_predict(train, labels, query, k=3, temperature=0.005).item() == 1
+    assert naive_knn(train, labels, query, 3, 0.005).item() == 1
