@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -34,8 +35,6 @@ def train(out_dir: Path, overrides: list[str]) -> float:
     cmd = [sys.executable, "-m", "ssl_vit.train", f"hydra.run.dir={out_dir}", "eval.final_knn=false",
            "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false"] + overrides
     if (out_dir / "checkpoints").exists():  # an interrupted earlier attempt: start over, not resume
-        import shutil
-
         shutil.rmtree(out_dir)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The methods learn: on the synthetic data set the loss falls while the teacher's outputs stay
+"""DINOv2 learns: on the synthetic data set the loss falls while the teacher's outputs stay
 away from both collapse modes, and the teacher's k-NN rises above its random init.
 
 Why these settings. At the start of a short run the outputs of a randomly initialised ViT barely
@@ -15,6 +15,8 @@ the uniform plateau at this scale for every teacher temperature, learning rate a
 momentum tried, even from a backbone trained as in ``test_dinov2_learns``; a minimal
 independent DINO loop reproduces this, and escapes it with a linear backbone on raw pixels.
 """
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -45,7 +47,7 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def assert_learns(record: LossAndEntropy, datamodule, method, seed: int = 0):
+def assert_learns(record: LossAndEntropy, datamodule, method):
     first, last = mean(record.loss[5:15]), mean(record.loss[-10:])
     assert last < first - 0.2, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for step in range(10, len(record.loss)):
@@ -64,8 +66,6 @@ def assert_learns(record: LossAndEntropy, datamodule, method, seed: int = 0):
 
 class KeepInitialBackbone(L.Callback):
     def on_train_start(self, trainer, pl_module):
-        import copy
-
         pl_module.initial_backbone = copy.deepcopy(pl_module.teacher_backbone())
         pl_module.initial_student_backbone = copy.deepcopy(pl_module.student.backbone)
 
