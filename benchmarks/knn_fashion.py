@@ -7,12 +7,14 @@ each budget then trains a fresh run planned for minutes*60/seconds_per_step step
 are laid over the planned run, as in any run). The trained teacher backbone is evaluated by
 weighted k-NN (k=20, T=0.07, cosine) on the official test split with all 60k training images
 as the bank, beside two floors: the same backbone at random init and the raw pixels
-(32x32, standardised). Extra arguments are training overrides (tune on the validation split:
-python -m ssl_vit.train prints its k-NN on it).
+(standardised), both at the recipe's global crop size. Extra arguments are training overrides
+(tune on the validation split: python -m ssl_vit.train prints its k-NN on it).
 
 Budgets run shortest first, every method at one budget before the next budget. Results are
 written to OUT/results.json after every run; running the same command again skips the runs
-already there (a 2 x 75-minute benchmark can be spread over several sittings). Keep the
+already there (a 2 x 75-minute benchmark can be spread over several sittings). It refuses to
+mix results: the composed training config of each method is stored, and a later call whose
+recipe differs (other overrides, or a changed default) stops with the differing keys. Keep the
 machine otherwise idle: the step count of each budget comes from the measured step time.
 """
 from __future__ import annotations
@@ -44,10 +46,30 @@ def train(out_dir: Path, overrides: list[str]) -> float:
     return time.perf_counter() - start
 
 
-def test_loaders(batch_size: int = 512):
+def compose_recipe(method: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="train", overrides=[f"method={method}"] + overrides)
+
+
+def recipe_differences(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested config dicts."""
+    keys = sorted(set(stored) | set(current))
+    out = []
+    for key in keys:
+        a, b = stored.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def test_loaders(image_size: int, batch_size: int = 512):
     from ssl_vit.data.datamodule import SSLDataModule
 
-    datamodule = SSLDataModule(dataset="fashion_mnist", image_size=32, eval_batch_size=batch_size)
+    datamodule = SSLDataModule(dataset="fashion_mnist", image_size=image_size, eval_batch_size=batch_size)
     datamodule.prepare_data()
     datamodule.setup("fit")
     return datamodule.knn_dataloaders("test")
@@ -69,14 +91,11 @@ def raw_pixel_knn(loaders) -> float:
     return knn_top1(*pixels(loaders[0]), *pixels(loaders[1]))
 
 
-def random_init_knn(method: str, overrides: list[str], loaders) -> float:
+def random_init_knn(cfg, loaders) -> float:
     import lightning as L
-    from hydra import compose, initialize_config_dir
 
     from ssl_vit.config import build_backbone_from_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="train", overrides=[f"method={method}"] + overrides)
     L.seed_everything(cfg.seed, verbose=False)
     return knn_of(build_backbone_from_config(cfg.model), loaders)
 
@@ -93,34 +112,50 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["dino", "dinov2"])
     parser.add_argument("--minutes", nargs="+", type=float, default=[5, 10, 20, 40])
-    parser.add_argument("--calibration-steps", type=int, default=20)
+    parser.add_argument("--calibration-steps", type=int, default=30)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "knn_fashion")
     args, overrides = parser.parse_known_args()
 
     import ssl_vit
+    from omegaconf import OmegaConf
 
+    recipes = {m: compose_recipe(m, overrides) for m in args.methods}
+    sizes = {m: int(recipes[m].method.crops.global_size) for m in args.methods}
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     if results and results.get("overrides") != overrides:
         raise SystemExit(f"{results_file} holds runs with overrides {results.get('overrides')}, not {overrides}: "
                          "pass the same overrides, or another --out")
+    if results.get("runs") and "recipes" not in results:
+        raise SystemExit(f"{results_file} was written by an older version of this benchmark (no recipe "
+                         "stored): use another --out")
     results.setdefault("overrides", overrides)
     results.setdefault("methods", {})
     results.setdefault("runs", [])
+    results.setdefault("recipes", {})
+    for method, cfg in recipes.items():
+        recipe = OmegaConf.to_container(cfg, resolve=False)
+        stored = results["recipes"].setdefault(method, recipe)
+        if stored != recipe:
+            raise SystemExit(f"{results_file} holds {method} runs of another recipe:\n  "
+                             + "\n  ".join(recipe_differences(stored, recipe)) + "\nuse another --out")
 
     def save() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(results, indent=2))
 
-    loaders = test_loaders()
-    if "raw_pixels" not in results:
-        results["raw_pixels"] = raw_pixel_knn(loaders)
-        save()
-    print(f"raw pixels (32x32, standardised): knn_top1={results['raw_pixels']:.4f}", flush=True)
+    loaders = {size: test_loaders(size) for size in set(sizes.values())}
+    results.setdefault("raw_pixels", {})
+    for size in loaders:
+        if str(size) not in results["raw_pixels"]:
+            results["raw_pixels"][str(size)] = raw_pixel_knn(loaders[size])
+            save()
+        print(f"raw pixels ({size}x{size}, standardised): knn_top1={results['raw_pixels'][str(size)]:.4f}",
+              flush=True)
     for method in args.methods:
         if method not in results["methods"]:
             results["methods"][method] = {
-                "random_init": random_init_knn(method, overrides, loaders),
+                "random_init": random_init_knn(recipes[method], loaders[sizes[method]]),
                 "seconds_per_step": seconds_per_step(method, overrides, args.out, args.calibration_steps),
             }
             save()
@@ -136,7 +171,8 @@ def main() -> None:
                 steps = max(1, int(minutes * 60 / info["seconds_per_step"]))
                 out_dir = args.out / f"{method}_{minutes:g}min"
                 wall = train(out_dir, [f"method={method}", f"trainer.max_steps={steps}"] + overrides)
-                accuracy = knn_of(ssl_vit.load_backbone(out_dir / "checkpoints" / "last.ckpt"), loaders)
+                accuracy = knn_of(ssl_vit.load_backbone(out_dir / "checkpoints" / "last.ckpt"),
+                                  loaders[sizes[method]])
                 results["runs"].append(dict(method=method, minutes=minutes, steps=steps, wall_s=round(wall, 1),
                                             knn_top1=accuracy))
                 save()
@@ -144,7 +180,8 @@ def main() -> None:
             row = done[0]
             print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps, {row['wall_s'] / 60:.1f} min wall): "
                   f"knn_top1={row['knn_top1']:.4f} ({100 * (row['knn_top1'] - info['random_init']):+.1f} points "
-                  f"over random init, {100 * (row['knn_top1'] - results['raw_pixels']):+.1f} over raw pixels)",
+                  f"over random init, {100 * (row['knn_top1'] - results['raw_pixels'][str(sizes[method])]):+.1f} "
+                  "over raw pixels)",
                   flush=True)
 
 

@@ -35,7 +35,10 @@ def test_default_train_config_is_dinov2_on_fashion_mnist_cpu_preset():
     cfg = compose_train([])
     assert cfg.method.name == "dinov2"
     assert cfg.data.name == "fashion_mnist"
-    assert cfg.model.name == "vit_cpu" and cfg.model.patch_size == 4 and cfg.model.img_size == 32
+    assert cfg.model.name == "vit_cpu" and cfg.model.patch_size == 4
+    # The short-budget recipe: 24 px global crops, and the backbone's grid follows the crop size.
+    assert cfg.method.crops.global_size == 24 and cfg.model.img_size == 24
+    assert compose_train(["method.crops.global_size=32"]).model.img_size == 32
 
 
 def test_patch_size_override_reaches_the_backbone():

@@ -26,7 +26,8 @@ from ssl_vit.callbacks.knn import knn_accuracies
 from training_helpers import fit
 
 STEPS = 60
-DINOV2_LEARNS = ["method=dinov2", "method.centering=sinkhorn_knopp", "method.teacher_temp=0.02",
+DINOV2_LEARNS = ["method=dinov2", "method.crops.global_size=32", "method.crops.local_size=16",
+                 "method.centering=sinkhorn_knopp", "method.teacher_temp=0.02",
                  "method.warmup_teacher_temp=0.02", "data.options.num_samples=960", "data.val_size=320"]
 
 
@@ -86,7 +87,9 @@ def test_model_init_starts_student_and_teacher_from_the_given_weights(dinov2_run
     *_, trainer = dinov2_run
     start = tmp_path / "dinov2.ckpt"
     trainer.save_checkpoint(start)
-    _, _, method, _ = fit(["method=dino", f"model.init={start}"], max_steps=1, callbacks=[KeepInitialBackbone()])
+    same_grid = ["method.crops.global_size=32", "method.crops.local_size=16"]  # as the saved run
+    _, _, method, _ = fit(["method=dino", f"model.init={start}"] + same_grid, max_steps=1,
+                          callbacks=[KeepInitialBackbone()])
     saved = ssl_vit.load_backbone(start).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in method.initial_backbone.state_dict().items())
     assert all(torch.equal(saved[k], v) for k, v in method.initial_student_backbone.state_dict().items())
