@@ -16,7 +16,7 @@ from ssl_vit.data.datamodule import SSLDataModule, default_normalization
 from ssl_vit.data.masking import BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.methods import METHODS
-from ssl_vit.models.load import load_backbone
+from ssl_vit.models.load import initial_weights_for
 
 LOGGERS = ("csv", "wandb")
 
@@ -91,8 +91,7 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int = 1
         preprocessing=datamodule.describe(),
     )
     if cfg.model.get("init"):  # student and teacher start from the same outside weights
-        start = load_backbone(cfg.model.init, **backbone_arch(cfg.model))
-        method.load_backbone_weights(start.state_dict())
+        method.load_backbone_weights(initial_weights_for(cfg.model.init, backbone_arch(cfg.model)))
     return method
 
 

@@ -149,3 +149,22 @@ def load_backbone(path: str | Path | Mapping, layout: str | None = None, **arch:
         return _build({**stored, **arch}, state_dict, "ssl_vit training checkpoint", source)
     detected, state_dict, full_arch = convert_state_dict(checkpoint, layout=layout, **arch)
     return _build(full_arch, state_dict, detected, source)
+
+
+def initial_weights_for(path: str | Path, arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights in ``path`` as a state dict for a backbone built from ``arch`` (``model.init``).
+
+    Every constructor argument of ``arch`` applies to the file except the image size: a file
+    trained at another resolution gives its learned position table resampled to ``arch``'s patch
+    grid, the same bicubic resampling the backbone applies to any other input size.
+    """
+    start = load_backbone(path, **{k: v for k, v in arch.items() if k != "img_size"})
+    weights = start.state_dict()
+    if start.pos_embed is not None and "img_size" in arch:
+        size = arch["img_size"]
+        rows, cols = (size, size) if isinstance(size, int) else tuple(size)
+        grid = start.patch_embed.grid_size(rows, cols)
+        if grid != tuple(start.base_grid):
+            with torch.no_grad():
+                weights["pos_embed"] = torch.cat([start.pos_embed[:, :1], start.patch_positions(grid)], dim=1)
+    return weights

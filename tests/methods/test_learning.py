@@ -20,6 +20,7 @@ import copy
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ssl_vit
 from ssl_vit.callbacks.knn import knn_accuracies
@@ -87,11 +88,28 @@ def test_model_init_starts_student_and_teacher_from_the_given_weights(dinov2_run
     *_, trainer = dinov2_run
     start = tmp_path / "dinov2.ckpt"
     trainer.save_checkpoint(start)
+    saved = ssl_vit.load_backbone(start).state_dict()
     same_grid = ["method.crops.global_size=32", "method.crops.local_size=16"]  # as the saved run
     _, _, method, _ = fit(["method=dino", f"model.init={start}"] + same_grid, max_steps=1,
                           callbacks=[KeepInitialBackbone()])
-    saved = ssl_vit.load_backbone(start).state_dict()
     assert all(torch.equal(saved[k], v) for k, v in method.initial_backbone.state_dict().items())
     assert all(torch.equal(saved[k], v) for k, v in method.initial_student_backbone.state_dict().items())
     with pytest.raises(ValueError, match=r"model.init='/no/such/file.ckpt' is not a file"):
         fit(["method=dino", "model.init=/no/such/file.ckpt"], max_steps=1)
+
+
+def test_model_init_from_another_resolution_resamples_the_position_table(dinov2_run, tmp_path):
+    *_, trainer = dinov2_run
+    start = tmp_path / "dinov2_32px.ckpt"
+    trainer.save_checkpoint(start)
+    saved = ssl_vit.load_backbone(start).state_dict()  # 8 x 8 patches of 4 px
+    _, _, method, _ = fit(["method=dino", f"model.init={start}", "method.crops.global_size=24",
+                          "method.crops.local_size=12"], max_steps=1, callbacks=[KeepInitialBackbone()])
+    for initial in (method.initial_backbone.state_dict(), method.initial_student_backbone.state_dict()):
+        assert all(torch.equal(saved[k], v) for k, v in initial.items() if k != "pos_embed")
+        # [CLS] row kept; the 8 x 8 patch table resized to the 6 x 6 grid of 24 px crops (bicubic).
+        patches = saved["pos_embed"][:, 1:].reshape(1, 8, 8, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(patches, size=(6, 6), mode="bicubic").permute(0, 2, 3, 1).reshape(1, 36, -1)
+        assert initial["pos_embed"].shape == (1, 37, saved["pos_embed"].shape[-1])
+        assert torch.equal(initial["pos_embed"][:, :1], saved["pos_embed"][:, :1])
+        torch.testing.assert_close(initial["pos_embed"][:, 1:], resized)
