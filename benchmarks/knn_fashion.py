@@ -123,13 +123,10 @@ def main() -> None:
     sizes = {m: int(recipes[m].method.crops.global_size) for m in args.methods}
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    if results and results.get("overrides") != overrides:
-        raise SystemExit(f"{results_file} holds runs with overrides {results.get('overrides')}, not {overrides}: "
-                         "pass the same overrides, or another --out")
-    if results.get("runs") and "recipes" not in results:
+    if results and "recipes" not in results:
         raise SystemExit(f"{results_file} was written by an older version of this benchmark (no recipe "
                          "stored): use another --out")
-    results.setdefault("overrides", overrides)
+    results.setdefault("overrides", overrides)  # for the reader; the recipes below decide what may be mixed
     results.setdefault("methods", {})
     results.setdefault("runs", [])
     results.setdefault("recipes", {})

@@ -164,7 +164,7 @@ def initial_weights_for(path: str | Path, arch: Mapping[str, Any]) -> dict[str, 
         size = arch["img_size"]
         rows, cols = (size, size) if isinstance(size, int) else tuple(size)
         grid = start.patch_embed.grid_size(rows, cols)
-        if grid != tuple(start.base_grid):
+        if grid != start.base_grid:
             with torch.no_grad():
                 weights["pos_embed"] = torch.cat([start.pos_embed[:, :1], start.patch_positions(grid)], dim=1)
     return weights
