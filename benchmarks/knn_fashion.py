@@ -78,7 +78,9 @@ def test_loaders(image_size: int, batch_size: int = 512):
 def knn_of(backbone, loaders) -> float:
     from ssl_vit.callbacks.knn import knn_accuracy
 
-    return knn_accuracy(backbone, *loaders, "cpu", autocast_dtype=torch.bfloat16)
+    from ssl_vit.precision import fast_bf16
+
+    return knn_accuracy(backbone, *loaders, "cpu", autocast_dtype=torch.bfloat16 if fast_bf16("cpu") else None)
 
 
 def raw_pixel_knn(loaders) -> float:
@@ -175,10 +177,13 @@ def main() -> None:
                 save()
                 done = results["runs"][-1:]
             row = done[0]
-            print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps, {row['wall_s'] / 60:.1f} min wall): "
+            # Rows carried over from an earlier sitting may lack the wall time; "source" says where from.
+            wall = f", {row['wall_s'] / 60:.1f} min wall" if row.get("wall_s") else ""
+            origin = f" [{row['source']}]" if row.get("source") else ""
+            print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps{wall}): "
                   f"knn_top1={row['knn_top1']:.4f} ({100 * (row['knn_top1'] - info['random_init']):+.1f} points "
                   f"over random init, {100 * (row['knn_top1'] - results['raw_pixels'][str(sizes[method])]):+.1f} "
-                  "over raw pixels)",
+                  f"over raw pixels){origin}",
                   flush=True)
 
 

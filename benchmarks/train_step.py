@@ -6,7 +6,8 @@
 Arguments are the training config's overrides. Times the optimisation step alone (teacher and
 student forward, backward, clipping, AdamW, EMA) on one fixed batch from the real multi-crop
 pipeline, and separately the data pipeline (augmentation + collate, one process). bf16 autocast
-when trainer.precision is bf16-mixed (the default), on CUDA when a GPU is present.
+when trainer.precision resolves to bf16-mixed (``auto``, the default: where bf16 is native, e.g.
+CUDA or a CPU with AMX), on CUDA when a GPU is present.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from hydra import compose, initialize_config_dir
 
 from ssl_vit.build import build_datamodule, build_method, validate
 from ssl_vit.methods.ema import ema_update
+from ssl_vit.precision import resolve_precision
 from ssl_vit.methods.param_groups import apply_lr_wd
 
 CONF = __file__.rsplit("/benchmarks/", 1)[0] + "/conf"
@@ -41,7 +43,9 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = method.configure_optimizers()
-    bf16 = "bf16" in str(cfg.trainer.precision)
+    precision = resolve_precision(cfg.trainer.precision, "cuda" if device.type == "cuda" else "cpu")
+    bf16 = "bf16" in precision
+    print(f"precision: {precision}", flush=True)
 
     def step() -> None:
         apply_lr_wd(optimizer, method.lr_at(0), method.wd_at(0))

@@ -17,6 +17,7 @@ from ssl_vit.data.masking import BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
+from ssl_vit.precision import AUTO, resolve_precision
 
 LOGGERS = ("csv", "wandb")
 
@@ -124,6 +125,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule) -> 
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval))
     trainer_args = to_dict(cfg.trainer)
+    trainer_args["precision"] = resolve_precision(trainer_args.get("precision", AUTO),
+                                                  trainer_args.get("accelerator", "auto"))
     return L.Trainer(
         **trainer_args,
         default_root_dir=str(out_dir),

@@ -37,15 +37,15 @@ from ssl_vit.data.datasets import (
     get_targets,
     split_indices,
 )
-
+from ssl_vit.data import imagefolder, synthetic
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 logger = logging.getLogger("ssl_vit.data")
 
-_OPTIONS = {
+_OPTIONS = {  # checked here too so that a bad option fails before any data is read
     "fashion_mnist": ("download", "source_dir"),
-    "imagefolder": ("val_root", "test_root", "extensions", "verify"),
-    "synthetic": ("num_samples", "num_classes", "image_size", "noise", "max_shift"),
+    "imagefolder": imagefolder.OPTIONS,
+    "synthetic": synthetic.OPTIONS,
 }
 
 
@@ -100,7 +100,8 @@ class SSLDataModule(L.LightningDataModule):
         pin_memory: DataLoader ``pin_memory``.
         **options: data-set options (``data.<name>``): fashion_mnist: ``download``,
             ``source_dir``; imagefolder: ``val_root``, ``test_root``, ``extensions``, ``verify``;
-            synthetic: ``num_samples``, ``num_classes``, ``image_size``, ``noise``, ``max_shift``.
+            synthetic: ``num_samples``, ``num_classes``, ``image_size``, ``noise``, ``max_shift``,
+            ``brightness``.
     """
 
     def __init__(

@@ -262,7 +262,7 @@ def _progress(iterable, total: int, desc: str, show: bool):
     return tqdm(iterable, total=total, desc=desc, unit="file")
 
 
-_OPTIONS = ("val_root", "test_root", "extensions", "verify")
+OPTIONS = ("val_root", "test_root", "extensions", "verify")
 
 
 def build_imagefolder_splits(
@@ -285,7 +285,7 @@ def build_imagefolder_splits(
     ``cache``: a dict of already built splits; its ``trainval`` entry (the scan of ``root``) is
     reused, and stored there once built.
     """
-    check_options(options, _OPTIONS, "imagefolder")
+    check_options(options, OPTIONS, "imagefolder")
     val_root = options.pop("val_root", None)
     test_root = options.pop("test_root", None)
     if root is None or str(root) == "":

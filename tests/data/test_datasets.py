@@ -259,3 +259,35 @@ def test_synthetic_classes_are_learnable_but_not_trivial():
     acc = (ytr[nearest] == yva).float().mean().item()
     print(f"synthetic raw-pixel 1-NN accuracy: {acc:.3f}")
     assert 0.5 < acc < 0.98  # chance is 0.1
+
+
+def test_synthetic_brightness_scales_the_clean_image():
+    dim, bright = SyntheticDataset(20, noise=0.0), SyntheticDataset(20, noise=0.0, brightness=2.0)
+    for index in (0, 7, 13):
+        a = np.asarray(dim[index][0], dtype=np.int32)
+        b = np.asarray(bright[index][0], dtype=np.int32)
+        assert np.abs(b - np.clip(2 * a, 0, 255)).max() <= 2  # uint8 rounding of both images
+        assert b.mean() > 1.5 * a.mean()
+    with pytest.raises(ValueError, match="brightness must be positive, got 0"):
+        SyntheticDataset(4, brightness=0)
+
+
+def test_synthetic_brightness_makes_random_vit_cls_depend_on_the_image():
+    """The reason for the option (its docstring): with the default brightness the patterns sit
+    below the normalisation mean and a random ViT's [CLS] barely depends on the image."""
+    from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ssl_vit.models import build_backbone
+
+    def image_dependent_share(brightness):
+        ds = SyntheticDataset(256, brightness=brightness)
+        x = torch.stack([torch.from_numpy(ds.render(i)).permute(2, 0, 1).float() / 255 for i in range(len(ds))])
+        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        torch.manual_seed(0)
+        vit = build_backbone(dict(embed_dim=192, depth=2, num_heads=3, patch_size=4, img_size=32)).eval()
+        with torch.no_grad():
+            z = torch.nn.functional.normalize(vit(x), dim=1)
+        return 1 - z.mean(0).norm().item() ** 2  # 0: the same [CLS] for every image
+
+    dim, bright = image_dependent_share(1.0), image_dependent_share(2.0)
+    print(f"image-dependent share of a random ViT's normalised [CLS]: {dim:.3f} (brightness 1), {bright:.3f} (2)")
+    assert dim < 0.15 and bright > 0.4

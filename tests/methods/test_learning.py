@@ -1,19 +1,22 @@
-"""DINOv2 learns: on the synthetic data set the loss falls while the teacher's outputs stay
-away from both collapse modes, and the teacher's k-NN rises above its random init.
+"""DINOv2 and DINO train on the synthetic data set: the loss falls while the teacher's outputs
+stay away from both collapse modes; for DINOv2 the teacher's k-NN also rises above its random init.
 
 Why these settings. At the start of a short run the outputs of a randomly initialised ViT barely
 depend on the image (its [CLS] embeddings of different images have cosine similarity ~0.97), so
 with the papers' teacher temperatures (0.04 -> 0.07) the centred targets are near-uniform and
 the same for every image: the DINO / iBOT terms sit on a plateau at ~log K until the features
-separate images (README, "Default recipe"). The test therefore uses
-DINOv2 with Sinkhorn-Knopp centering (the paper's choice for its largest runs) and a teacher
-temperature of 0.02 suited to the small spread of the outputs at init: the targets are
-image-specific from the start and equipartitioned, and KoLeo spreads the [CLS] embeddings.
+separate images (README, "Default recipe"). The DINOv2 test therefore uses Sinkhorn-Knopp
+centering (the paper's choice for its largest runs) and a teacher temperature of 0.02 suited to
+the small spread of the outputs at init: the targets are image-specific from the start and
+equipartitioned, and KoLeo spreads the [CLS] embeddings.
 
-DINO has no such test yet: with centering (no Sinkhorn-Knopp, no KoLeo in the paper) it drifts to
-the uniform plateau at this scale for every teacher temperature, learning rate and center
-momentum tried, even from a backbone trained as in ``test_dinov2_learns``; a minimal
-independent DINO loop reproduces this, and escapes it with a linear backbone on raw pixels.
+DINO (centering only, no KoLeo) needs the image dependence to be there at init: on the default
+synthetic images it drifts to the uniform plateau for every teacher temperature, learning rate and
+center momentum tried. With ``brightness=2`` (see ``SyntheticDataset``) a random ViT's [CLS]
+depends on the image as on natural images, and DINO with a sharp teacher (0.02) and a moderate
+lr trains without collapse. Its teacher's k-NN does not rise within 120 steps (0.522 vs 0.528 at
+init; the student's 0.512): the teacher, an EMA with momentum 0.99 -> 1, has barely moved; that
+DINO's features improve is shown on Fashion-MNIST by ``benchmarks/knn_fashion.py`` (README).
 """
 import copy
 
@@ -49,17 +52,26 @@ def mean(values):
     return sum(values) / len(values)
 
 
-def assert_learns(record: LossAndEntropy, datamodule, method):
+def assert_loss_falls_without_collapse(record: LossAndEntropy, min_fall: float, max_entropy: float,
+                                       min_batch_entropy: float, min_image_dependence: float):
+    """Entropies are normalised by log K (K prototypes): 1 = uniform, 0 = one-hot."""
     first, last = mean(record.loss[5:15]), mean(record.loss[-10:])
-    assert last < first - 0.2, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < first - min_fall, f"loss did not fall: {first:.3f} -> {last:.3f}"
     for step in range(10, len(record.loss)):
         entropy, batch_entropy = record.entropy[step], record.batch_entropy[step]
         # Uniform collapse: every output near-uniform (entropy -> 1 x log K).
-        assert entropy < 0.97, f"step {step}: teacher outputs near-uniform ({entropy:.3f} x log K)"
+        assert entropy < max_entropy, f"step {step}: teacher outputs near-uniform ({entropy:.3f} x log K)"
         # One-hot / one-prototype collapse: the mean output concentrates (batch entropy -> 0).
-        assert batch_entropy > 0.5, f"step {step}: teacher outputs on few prototypes ({batch_entropy:.3f})"
+        assert batch_entropy > min_batch_entropy, \
+            f"step {step}: teacher outputs on few prototypes ({batch_entropy:.3f})"
         # Outputs depend on the image: the mean output is flatter than each output.
-        assert batch_entropy - entropy > 0.02, f"step {step}: teacher outputs do not depend on the image"
+        assert batch_entropy - entropy > min_image_dependence, \
+            f"step {step}: teacher outputs do not depend on the image ({entropy:.3f}, batch {batch_entropy:.3f})"
+
+
+def assert_learns(record: LossAndEntropy, datamodule, method):
+    assert_loss_falls_without_collapse(record, min_fall=0.2, max_entropy=0.97, min_batch_entropy=0.5,
+                                       min_image_dependence=0.02)
     # The teacher's features got better than its random init (same weights the run started from).
     bank, query = datamodule.knn_dataloaders("val", num_workers=0)
     trained, start = knn_accuracies([method.teacher_backbone(), method.initial_backbone], bank, query, "cpu")
@@ -82,6 +94,21 @@ def dinov2_run():
 def test_dinov2_learns(dinov2_run):
     record, datamodule, method, _ = dinov2_run
     assert_learns(record, datamodule, method)
+
+
+DINO_STEPS = 120
+DINO_TRAINS = ["method=dino", "method.crops.global_size=32", "method.crops.local_size=16",
+               "data.options.brightness=2", "method.teacher_temp=0.02", "method.warmup_teacher_temp=0.02",
+               "optim.lr=0.001", "data.options.num_samples=960", "data.val_size=320"]
+
+
+def test_dino_loss_falls_without_collapse():
+    record = LossAndEntropy()
+    fit(DINO_TRAINS, max_steps=DINO_STEPS, callbacks=[record])
+    # With batch 16 the batch mean of sharp outputs spans at most 16 of the K=128 prototypes
+    # (batch entropy <= log 16 / log 128 = 0.57); > 0.25 means more than ~3 prototypes in use.
+    assert_loss_falls_without_collapse(record, min_fall=0.3, max_entropy=0.9, min_batch_entropy=0.25,
+                                       min_image_dependence=0.1)
 
 
 def test_model_init_starts_student_and_teacher_from_the_given_weights(dinov2_run, tmp_path):
