@@ -40,12 +40,12 @@ class SyntheticDataset(Dataset):
     ``brightness`` multiplies the clean image (background, pattern, distractor) before the noise
     is added and pixels are clipped to [0, 1].
 
-    Why ``brightness``: at 1 most pattern pixels lie below the ImageNet mean used to normalise
-    them, so a randomly initialised ViT (LayerNorm discards each token's scale) maps nearly every
-    patch to the same direction and gives almost the same [CLS] to every image (share of the
-    normalised [CLS] that depends on the image: ~0.04; Fashion-MNIST: ~0.3). At 2 the patterns
-    straddle the mean and the share is ~0.7, as on natural images; DINO's centring + sharpening
-    needs that image dependence at init to have something to sharpen (tests/methods/test_learning.py).
+    Why ``brightness``: at 1 most pixels lie below the mean they are normalised by (0.5 for this
+    data set), so a randomly initialised ViT (LayerNorm discards each token's scale) maps nearly
+    every patch to the same direction and gives almost the same [CLS] to every image: the share of
+    the normalised [CLS] that depends on the image is ~0.04 (Fashion-MNIST: ~0.35). At 2 the
+    images straddle the mean and the share is ~0.6; DINO's centring + sharpening needs that image
+    dependence at init to have something to sharpen (tests/methods/test_learning.py).
     """
 
     def __init__(

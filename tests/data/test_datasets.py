@@ -275,13 +275,15 @@ def test_synthetic_brightness_scales_the_clean_image():
 def test_synthetic_brightness_makes_random_vit_cls_depend_on_the_image():
     """The reason for the option (its docstring): with the default brightness the patterns sit
     below the normalisation mean and a random ViT's [CLS] barely depends on the image."""
-    from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from ssl_vit.data.datamodule import default_normalization
     from ssl_vit.models import build_backbone
+
+    mean, std = (torch.tensor(v)[:, None, None] for v in default_normalization("synthetic"))
 
     def image_dependent_share(brightness):
         ds = SyntheticDataset(256, brightness=brightness)
         x = torch.stack([torch.from_numpy(ds.render(i)).permute(2, 0, 1).float() / 255 for i in range(len(ds))])
-        x = (x - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+        x = (x - mean) / std
         torch.manual_seed(0)
         vit = build_backbone(dict(embed_dim=192, depth=2, num_heads=3, patch_size=4, img_size=32)).eval()
         with torch.no_grad():
