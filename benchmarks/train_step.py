@@ -19,8 +19,8 @@ from hydra import compose, initialize_config_dir
 
 from ssl_vit.build import build_datamodule, build_method, validate
 from ssl_vit.methods.ema import ema_update
-from ssl_vit.precision import resolve_precision
 from ssl_vit.methods.param_groups import apply_lr_wd
+from ssl_vit.precision import resolve_precision
 
 CONF = __file__.rsplit("/benchmarks/", 1)[0] + "/conf"
 
@@ -43,7 +43,7 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = method.configure_optimizers()
-    precision = resolve_precision(cfg.trainer.precision, "cuda" if device.type == "cuda" else "cpu")
+    precision = resolve_precision(cfg.trainer.precision, device.type)
     bf16 = "bf16" in precision
     print(f"precision: {precision}", flush=True)
 

@@ -52,8 +52,3 @@ def resolve_precision(precision: str | int, accelerator: str = "auto") -> str:
     log.info("trainer.precision=auto -> %s (%s%s)", chosen, device_type,
              "" if chosen == "32" else " with native bf16")
     return chosen
-
-
-def autocast_dtype_for(precision: str) -> torch.dtype | None:
-    """The autocast dtype for evaluation forwards that match a resolved training precision."""
-    return torch.bfloat16 if "bf16" in str(precision) else None

@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data._utils.collate import default_collate
 
+from ssl_vit.data import imagefolder, synthetic
 from ssl_vit.data.datasets import (
     DATASET_NAMES,
     EpochShuffleSampler,
@@ -37,7 +38,6 @@ from ssl_vit.data.datasets import (
     get_targets,
     split_indices,
 )
-from ssl_vit.data import imagefolder, synthetic
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 logger = logging.getLogger("ssl_vit.data")

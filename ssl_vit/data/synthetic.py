@@ -43,7 +43,7 @@ class SyntheticDataset(Dataset):
     Why ``brightness``: at 1 most pixels lie below the mean they are normalised by (0.5 for this
     data set), so a randomly initialised ViT (LayerNorm discards each token's scale) maps nearly
     every patch to the same direction and gives almost the same [CLS] to every image: the share of
-    the normalised [CLS] that depends on the image is ~0.04 (Fashion-MNIST: ~0.35). At 2 the
+    the normalised [CLS] that depends on the image is ~0.04 (Fashion-MNIST, default vit_cpu: ~0.46). At 2 the
     images straddle the mean and the share is ~0.6; DINO's centring + sharpening needs that image
     dependence at init to have something to sharpen (tests/methods/test_learning.py).
     """
@@ -143,8 +143,8 @@ def build_synthetic_splits(
     **options,
 ) -> dict[str, Dataset]:
     """Options: ``num_samples`` (train size, default 10,000), ``num_classes``, ``image_size``,
-    ``noise``, ``max_shift``, ``brightness``. ``val`` and ``test`` have ``val_size`` samples each (default 1,000);
-    ``trainval`` is the ``train`` split (the validation set is drawn separately, not carved
+    ``noise``, ``max_shift``, ``brightness``. ``val`` and ``test`` have ``val_size`` samples each
+    (default 1,000); ``trainval`` is the ``train`` split (the validation set is drawn separately, not carved
     out). ``root`` is not used."""
     check_options(options, OPTIONS, "synthetic")
     num_train = int(options.pop("num_samples", DEFAULT_NUM_TRAIN))

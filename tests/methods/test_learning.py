@@ -3,8 +3,8 @@ stay away from both collapse modes; for DINOv2 the teacher's k-NN also rises abo
 
 Why these settings. On the default synthetic images the outputs of a randomly initialised ViT
 barely depend on the image (its [CLS] embeddings of different images have cosine similarity
-~0.97; 0.54 on Fashion-MNIST), so with the papers' teacher temperatures (0.04 -> 0.07) the centred targets are near-uniform and
-the same for every image: the DINO / iBOT terms sit on a plateau at ~log K until the features
+~0.97; 0.54 on Fashion-MNIST), so with the papers' teacher temperatures (0.04 -> 0.07) the
+centred targets are near-uniform and the same for every image: the DINO / iBOT terms sit on a plateau at ~log K until the features
 separate images (README, "Default recipe"). The DINOv2 test therefore uses Sinkhorn-Knopp
 centering (the paper's choice for its largest runs) and a teacher temperature of 0.02 suited to
 the small spread of the outputs at init: the targets are image-specific from the start and
