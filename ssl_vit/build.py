@@ -42,6 +42,10 @@ def validate(cfg: DictConfig) -> None:
     if init and not os.path.isfile(str(init)):
         raise ValueError(f"model.init={init!r} is not a file; give a backbone checkpoint or export "
                          "(timm / DINO / DINOv2 / MAE weights, or an ssl_vit .ckpt / .safetensors)")
+    for key in ("knn_max_train", "knn_max_eval", "final_knn_max_train"):
+        limit = cfg.eval.get(key)
+        if limit is not None and (not isinstance(limit, int) or limit < 1):
+            raise ValueError(f"eval.{key}={limit!r}; allowed: a positive number of images, or null for all")
     if not cfg.trainer.max_steps or cfg.trainer.max_steps < 1:
         if not cfg.trainer.get("max_epochs"):
             raise ValueError("set trainer.max_steps (or trainer.max_epochs): schedules need a planned run length")

@@ -24,14 +24,16 @@ log = logging.getLogger("ssl_vit.train")
 
 def final_knn(cfg: DictConfig, method, datamodule, precision: str) -> dict[str, float]:
     """k-NN top-1 on the full validation split: the trained teacher beside the same backbone
-    at random init (same seed, so the same initial weights the run started from)."""
-    bank, query = datamodule.knn_dataloaders("val")
+    at random init (same seed, so the same initial weights the run started from). The bank is
+    the train split, or a fixed stratified subset of ``eval.final_knn_max_train`` images of it."""
+    bank, query = datamodule.knn_dataloaders("val", max_train=cfg.eval.get("final_knn_max_train"))
     dtype = torch.bfloat16 if "bf16" in precision else None
     L.seed_everything(cfg.seed, verbose=False)
     random_init = build_backbone_from_config(cfg.model).to(method.device)
     trained, baseline = knn_accuracies([method.teacher_backbone(), random_init], bank, query, method.device,
-                                       autocast_dtype=dtype)
-    return {"knn_top1": trained, "knn_top1_random_init": baseline}
+                                       autocast_dtype=dtype, progress=True)
+    return {"knn_top1": trained, "knn_top1_random_init": baseline, "knn_bank_size": len(bank.dataset),
+            "knn_query_size": len(query.dataset)}
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
@@ -51,7 +53,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
         return metrics
     if cfg.eval.final_knn:
         metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision)))
-        print(f"knn_top1={metrics['knn_top1']:.4f} (validation split, k=20)")
+        print(f"knn_top1={metrics['knn_top1']:.4f} (k=20; queries: the {metrics['knn_query_size']} validation "
+              f"images, bank: {metrics['knn_bank_size']} training images)")
         print(f"knn_top1_random_init={metrics['knn_top1_random_init']:.4f}")
     # Counted in this process; DataLoader workers count the files they skip in their own copies.
     metrics["skipped_files"] = datamodule.num_skipped

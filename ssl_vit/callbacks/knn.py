@@ -15,10 +15,14 @@ def knn_accuracy(backbone: torch.nn.Module, bank_loader, query_loader, device, k
 
 
 def knn_accuracies(backbones: Sequence[torch.nn.Module], bank_loader, query_loader, device, k: int = 20,
-                   temperature: float = 0.07, autocast_dtype: torch.dtype | None = None) -> list[float]:
-    """Weighted k-NN top-1 of each backbone, the images read once for all of them."""
-    banks, bank_labels = extract_features_of_many(backbones, bank_loader, device, autocast_dtype)
-    queries, query_labels = extract_features_of_many(backbones, query_loader, device, autocast_dtype)
+                   temperature: float = 0.07, autocast_dtype: torch.dtype | None = None,
+                   progress: bool = False) -> list[float]:
+    """Weighted k-NN top-1 of each backbone, the images read once for all of them
+    (``progress``: a progress bar per pass, for evaluations outside the training loop's bar)."""
+    banks, bank_labels = extract_features_of_many(backbones, bank_loader, device, autocast_dtype,
+                                                  "k-NN bank" if progress else None)
+    queries, query_labels = extract_features_of_many(backbones, query_loader, device, autocast_dtype,
+                                                     "k-NN queries" if progress else None)
     return [knn_top1(bank, bank_labels, query, query_labels, k=k, temperature=temperature)
             for bank, query in zip(banks, queries)]
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 
 @torch.no_grad()
@@ -23,16 +24,18 @@ def extract_features(backbone: torch.nn.Module, loader: DataLoader, device: torc
 @torch.no_grad()
 def extract_features_of_many(backbones: Sequence[torch.nn.Module], loader: DataLoader,
                              device: torch.device | str = "cpu", autocast_dtype: torch.dtype | None = None,
-                             ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                             progress: str | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """``([features (N, D) of each backbone], labels (N,))`` from one pass over ``loader``:
-    decoding and transforming the images often costs as much as a small backbone's forward."""
+    decoding and transforming the images often costs as much as a small backbone's forward.
+    ``progress``: the label of a progress bar (on stderr) over the batches; None for none."""
     was_training = [backbone.training for backbone in backbones]
     for backbone in backbones:
         backbone.eval()
     device = torch.device(device)
     features: list[list[torch.Tensor]] = [[] for _ in backbones]
     labels = []
-    for images, targets in loader:
+    batches = loader if progress is None else tqdm(loader, desc=progress, unit="batch", leave=False)
+    for images, targets in batches:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             for out, backbone in zip(features, backbones):

@@ -42,14 +42,18 @@ def messy_folder(tmp_path):
 
 
 def test_messy_folder_trains_on_the_good_images_and_reports_the_skipped(messy_folder, tmp_path, caplog, capsys):
-    cfg = compose_train(FOLDER_RUN + [f"data.root={messy_folder}"])
+    cfg = compose_train(FOLDER_RUN + [f"data.root={messy_folder}", "eval.final_knn_max_train=6"])
     with caplog.at_level(logging.WARNING, logger="ssl_vit.data"):
         metrics = run(cfg, tmp_path / "run")
     assert metrics["global_step"] == 3  # trained to the end
     assert metrics["skipped_files"] == 3  # corrupt.jpg, truncated.png, empty.jpg; readme.txt is no image
-    assert "skipped 3 unreadable files" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "skipped 3 unreadable files" in printed.out
+    assert "k-NN bank" in printed.err  # the final k-NN shows its progress
     assert any("corrupt.jpg" in r.getMessage() for r in caplog.records)
     assert 0.0 <= metrics["knn_top1"] <= 1.0  # the 16 good images are labelled: k-NN ran on them
+    # 16 good images: 4 validation queries, a bank of 6 of the 12 others (eval.final_knn_max_train=6).
+    assert (metrics["knn_bank_size"], metrics["knn_query_size"]) == (6, 4)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["skipped_files"] == 3 and saved["global_step"] == 3
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
@@ -60,6 +64,7 @@ def test_messy_folder_trains_on_the_good_images_and_reports_the_skipped(messy_fo
     [
         ("empty", [], r"data.root=.*nothing_here. contains no image files"),
         ("messy", ["method.crops.global_size=30"], r"method.crops.global_size=30 is not a multiple of model.patch_size=4"),
+        ("messy", ["eval.final_knn_max_train=0"], r"eval.final_knn_max_train=0; allowed: a positive number"),
     ],
 )
 def test_bad_input_fails_before_training(make_root, overrides, match, messy_folder, tmp_path):
