@@ -39,6 +39,29 @@ def test_default_train_config_is_dinov2_on_fashion_mnist_cpu_preset():
     # The short-budget recipe: 24 px global crops, and the backbone's grid follows the crop size.
     assert cfg.method.crops.global_size == 24 and cfg.model.img_size == 24
     assert compose_train(["method.crops.global_size=32"]).model.img_size == 32
+    assert cfg.trainer.max_steps == 100
+
+
+def test_cpu_recipe_values_for_one_method_stay_with_that_method():
+    dinov2, dino = compose_train([]), compose_train(["method=dino"])
+    # experiment/for_method/cpu_dinov2.yaml: DINOv2 only.
+    assert (dinov2.method.koleo_loss_weight, dinov2.method.momentum_teacher) == (0.3, 0.96)
+    assert dino.method.momentum_teacher == 0.99 and "koleo_loss_weight" not in dino.method
+    # A command-line value still wins over the recipe's.
+    assert compose_train(["method.koleo_loss_weight=0.5"]).method.koleo_loss_weight == 0.5
+
+
+@pytest.mark.parametrize("experiment, expected", [
+    ("dino_vits16", {"method.name": "dino", "method.momentum_teacher": 0.996, "method.teacher_temp": 0.04,
+                     "method.head.out_dim": 65536, "optim.lr": 0.0005, "model.name": "vit_small"}),
+    ("dinov2_vitl16_short", {"method.name": "dinov2", "method.momentum_teacher": 0.992,
+                             "method.koleo_loss_weight": 0.1, "method.crops.global_size": 224,
+                             "optim.lr": 0.004, "model.name": "vit_large"}),
+])
+def test_paper_recipes_keep_the_published_values(experiment, expected):
+    cfg = compose_train([f"experiment={experiment}"])
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
 
 
 def test_patch_size_override_reaches_the_backbone():
