@@ -127,7 +127,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule) -> 
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     if cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
-                                    cfg.eval.knn_max_eval))
+                                    cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))
     trainer_args = to_dict(cfg.trainer)
     trainer_args["precision"] = resolve_precision(trainer_args.get("precision", AUTO),
                                                   trainer_args.get("accelerator", "auto"))

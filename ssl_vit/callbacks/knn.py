@@ -29,12 +29,15 @@ def knn_accuracies(backbones: Sequence[torch.nn.Module], bank_loader, query_load
 
 class KNNMonitor(L.Callback):
     """Every ``every_n_steps`` optimizer steps, logs ``knn_top1`` (k=20, T=0.07, cosine) of the
-    module's ``teacher_backbone()`` on a fixed, stratified subset of the validation split."""
+    module's ``teacher_backbone()`` on a fixed, stratified subset of the validation split.
+    ``skip_last_step``: not at the run's last step (a full evaluation follows the run anyway)."""
 
     def __init__(self, datamodule, every_n_steps: int = 100, max_train: int | None = 10000,
-                 max_eval: int | None = 2000, k: int = 20, temperature: float = 0.07):
+                 max_eval: int | None = 2000, k: int = 20, temperature: float = 0.07,
+                 skip_last_step: bool = False):
         self.datamodule = datamodule
         self.every_n_steps = every_n_steps
+        self.skip_last_step = skip_last_step
         self.max_train, self.max_eval = max_train, max_eval
         self.k, self.temperature = k, temperature
         self._loaders = None
@@ -49,5 +52,9 @@ class KNNMonitor(L.Callback):
         return accuracy
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and trainer.is_global_zero:
-            self.evaluate(trainer, pl_module)
+        step = trainer.global_step
+        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+            return
+        if self.skip_last_step and step == trainer.max_steps:
+            return
+        self.evaluate(trainer, pl_module)
