@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -46,6 +47,8 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     datamodule.setup("fit")
     method = build_method(cfg, datamodule)
     trainer = build_trainer(cfg, out_dir, datamodule)
+    # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
 
     metrics: dict[str, float] = {"global_step": trainer.global_step}
