@@ -44,9 +44,13 @@ def test_default_train_config_is_dinov2_on_fashion_mnist_cpu_preset():
 
 def test_cpu_recipe_values_for_one_method_stay_with_that_method():
     dinov2, dino = compose_train([]), compose_train(["method=dino"])
+    # experiment/cpu.yaml: both methods.
+    assert dinov2.method.momentum_teacher == dino.method.momentum_teacher == 0.96
     # experiment/for_method/cpu_dinov2.yaml: DINOv2 only.
-    assert (dinov2.method.koleo_loss_weight, dinov2.method.momentum_teacher) == (0.3, 0.96)
-    assert dino.method.momentum_teacher == 0.99 and "koleo_loss_weight" not in dino.method
+    assert dinov2.method.koleo_loss_weight == 0.3 and "koleo_loss_weight" not in dino.method
+    assert (dinov2.method.warmup_teacher_temp, dinov2.method.teacher_temp) == (0.04, 0.07)
+    # experiment/for_method/cpu_dino.yaml: DINO only, a constant teacher temperature of 0.02.
+    assert (dino.method.warmup_teacher_temp, dino.method.teacher_temp) == (0.02, 0.02)
     # A command-line value still wins over the recipe's.
     assert compose_train(["method.koleo_loss_weight=0.5"]).method.koleo_loss_weight == 0.5
 
