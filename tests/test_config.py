@@ -39,7 +39,7 @@ def test_default_train_config_is_dinov2_on_fashion_mnist_cpu_preset():
     # The short-budget recipe: 24 px global crops, and the backbone's grid follows the crop size.
     assert cfg.method.crops.global_size == 24 and cfg.model.img_size == 24
     assert compose_train(["method.crops.global_size=32"]).model.img_size == 32
-    assert cfg.trainer.max_steps == 100
+    assert cfg.trainer.max_steps == 400 and cfg.data.batch_size == 32
 
 
 def test_cpu_recipe_values_for_one_method_stay_with_that_method():
