@@ -47,7 +47,7 @@ def test_cpu_recipe_values_for_one_method_stay_with_that_method():
     # experiment/cpu.yaml: both methods.
     assert dinov2.method.momentum_teacher == dino.method.momentum_teacher == 0.96
     # experiment/for_method/cpu_dinov2.yaml: DINOv2 only.
-    assert dinov2.method.koleo_loss_weight == 0.3 and "koleo_loss_weight" not in dino.method
+    assert dinov2.method.koleo_loss_weight == 0.3 and dino.method.koleo_loss_weight == 0.0
     assert (dinov2.method.warmup_teacher_temp, dinov2.method.teacher_temp) == (0.04, 0.07)
     # experiment/for_method/cpu_dino.yaml: DINO only, a constant teacher temperature of 0.02.
     assert (dino.method.warmup_teacher_temp, dino.method.teacher_temp) == (0.02, 0.02)
@@ -57,7 +57,8 @@ def test_cpu_recipe_values_for_one_method_stay_with_that_method():
 
 @pytest.mark.parametrize("experiment, expected", [
     ("dino_vits16", {"method.name": "dino", "method.momentum_teacher": 0.996, "method.teacher_temp": 0.04,
-                     "method.head.out_dim": 65536, "optim.lr": 0.0005, "model.name": "vit_small"}),
+                     "method.koleo_loss_weight": 0.0, "method.head.out_dim": 65536, "optim.lr": 0.0005,
+                     "model.name": "vit_small"}),
     ("dinov2_vitl16_short", {"method.name": "dinov2", "method.momentum_teacher": 0.992,
                              "method.koleo_loss_weight": 0.1, "method.crops.global_size": 224,
                              "optim.lr": 0.004, "model.name": "vit_large"}),

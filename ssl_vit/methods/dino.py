@@ -4,13 +4,17 @@ Per step: the teacher (EMA of the student) embeds the two global crops; its outp
 and sharpened, are the targets for the student's outputs on every other crop (global and
 local); the center then absorbs this batch. Gradients are clipped per parameter tensor and the
 last layer receives none during the first epoch.
+
+DINO has no KoLeo term; ``method.koleo_loss_weight`` (0 by default, as in the paper) adds
+DINOv2's, computed the same way (student backbone cls tokens of each global crop), for recipes
+that choose to depart from the paper (see conf/experiment/for_method/cpu_dino.yaml).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ssl_vit.losses import DINOLoss
+from ssl_vit.losses import DINOLoss, koleo_loss
 from ssl_vit.methods.clipping import clip_per_tensor
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
 from ssl_vit.models.heads import DINOHead
@@ -48,7 +52,12 @@ class DINO(SelfDistillationMethod):
         student_logits = self.student.dino_head(cls_tokens)
 
         loss = self.dino_loss(split_crops(student_logits, 2 + n_local), split_crops(targets, 2))
-        total = self.checked_total({"dino": (1.0, loss)})
+        terms = {"dino": (1.0, loss)}
+        koleo_weight = self.cfg.get("koleo_loss_weight", 0.0)
+        if koleo_weight:
+            koleo = sum(koleo_loss(crop) for crop in cls_tokens[: 2 * batch_size].chunk(2))
+            terms["koleo"] = (koleo_weight, koleo)
+        total = self.checked_total(terms)
         self.dino_loss.update_center(teacher_logits)  # after the targets: step t is not in its own center
         self.log_collapse_metrics(targets, student_logits[: 2 * batch_size])
         return total

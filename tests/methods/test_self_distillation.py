@@ -107,3 +107,51 @@ def test_bad_config_fails_before_training(overrides, match):
         return
     with pytest.raises(ValueError, match=match):
         validate(compose_train(TINY + overrides))
+
+
+def naive_koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo by a loop over rows: -mean_i log(||x_i - nearest other row|| + eps), rows normalised."""
+    x = x / x.norm(dim=1, keepdim=True).clamp(min=eps)
+    logs = []
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        j = max(others, key=lambda k: float(x[i] @ x[k]))
+        logs.append(torch.log((x[i] - x[j] + eps).norm() + eps))
+    return -torch.stack(logs).mean()
+
+
+class StudentClsTokens(L.Callback):
+    """Records the student backbone's [CLS] outputs of the first step and the logged loss terms."""
+
+    def __init__(self):
+        self.cls_tokens, self.metrics = None, None
+
+    def on_train_start(self, trainer, pl_module):
+        def keep(module, inputs, output):
+            if self.cls_tokens is None:
+                self.cls_tokens = torch.cat(output).detach().clone()
+        self.handle = pl_module.student.backbone.register_forward_hook(keep)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.metrics is None:
+            self.metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
+                            if k.startswith("loss")}
+            self.batch_size = batch["global_crops"].shape[0] // 2
+        self.handle.remove()
+
+
+def test_dino_koleo_is_opt_in_and_computed_as_in_dinov2():
+    """DINO has no KoLeo by default; with method.koleo_loss_weight it adds DINOv2's term: KoLeo of
+    the student backbone [CLS] tokens of each global crop, summed over the two crops."""
+    plain = StudentClsTokens()
+    fit(["method=dino"], max_steps=1, callbacks=[plain])
+    assert "loss/koleo" not in plain.metrics
+    assert plain.metrics["loss"] == pytest.approx(plain.metrics["loss/dino"])
+
+    record = StudentClsTokens()
+    fit(["method=dino", "method.koleo_loss_weight=0.5"], max_steps=1, callbacks=[record])
+    b = record.batch_size
+    expected = naive_koleo(record.cls_tokens[:b]) + naive_koleo(record.cls_tokens[b:2 * b])
+    assert record.metrics["loss/koleo"] == pytest.approx(float(expected), rel=1e-5)
+    expected_total = record.metrics["loss/dino"] + 0.5 * float(expected)
+    assert record.metrics["loss"] == pytest.approx(expected_total, rel=1e-5)
