@@ -4,7 +4,7 @@ from ssl_vit.losses.checks import check_finite
 from ssl_vit.losses.dino import DINOLoss, ema_center_update
 from ssl_vit.losses.distributed import all_reduce_mean, all_reduce_sum, is_dist_enabled, rank, world_size
 from ssl_vit.losses.ibot import IBOTPatchLoss, masked_token_weights
-from ssl_vit.losses.koleo import koleo_loss
+from ssl_vit.losses.koleo import koleo_loss, koleo_loss_per_crop
 from ssl_vit.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "ema_center_update",
     "is_dist_enabled",
     "koleo_loss",
+    "koleo_loss_per_crop",
     "masked_token_weights",
     "rank",
     "sinkhorn_knopp",

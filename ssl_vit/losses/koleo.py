@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["koleo_loss"]
+__all__ = ["koleo_loss", "koleo_loss_per_crop"]
 
 
 def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -38,3 +38,9 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
             nn_idx = dots.argmax(dim=1)
         dist = F.pairwise_distance(x, x[nn_idx], p=2, eps=eps)
         return -torch.log(dist + eps).mean()
+
+
+def koleo_loss_per_crop(x: torch.Tensor, n_crops: int) -> torch.Tensor:
+    """Sum over crops of :func:`koleo_loss`, ``x`` crop-major ``(n_crops * B, D)``: neighbours are
+    searched within one crop's batch, as DINOv2 does for its global crops."""
+    return sum(koleo_loss(crop) for crop in x.chunk(n_crops))

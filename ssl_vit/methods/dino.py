@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_vit.losses import DINOLoss, koleo_loss
+from ssl_vit.losses import DINOLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_per_tensor
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
 from ssl_vit.models.heads import DINOHead
@@ -55,8 +55,7 @@ class DINO(SelfDistillationMethod):
         terms = {"dino": (1.0, loss)}
         koleo_weight = self.cfg.get("koleo_loss_weight", 0.0)
         if koleo_weight:
-            koleo = sum(koleo_loss(crop) for crop in cls_tokens[: 2 * batch_size].chunk(2))
-            terms["koleo"] = (koleo_weight, koleo)
+            terms["koleo"] = (koleo_weight, koleo_loss_per_crop(cls_tokens[: 2 * batch_size], 2))
         total = self.checked_total(terms)
         self.dino_loss.update_center(teacher_logits)  # after the targets: step t is not in its own center
         self.log_collapse_metrics(targets, student_logits[: 2 * batch_size])

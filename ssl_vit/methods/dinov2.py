@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss
+from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_global_per_module
 from ssl_vit.methods.dino import split_crops
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
@@ -80,7 +80,7 @@ class DINOv2(SelfDistillationMethod):
         ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,
                                              masks_weight=batch.get("mask_weights"))
         # KoLeo on the backbone cls tokens, each global crop separately, summed.
-        koleo = sum(koleo_loss(crop) for crop in out_global["x_norm_clstoken"].chunk(2))
+        koleo = koleo_loss_per_crop(out_global["x_norm_clstoken"], 2)
         total = self.checked_total({
             "dino": (self.cfg["dino_loss_weight"], dino),
             "ibot": (self.cfg["ibot"]["loss_weight"], ibot),
