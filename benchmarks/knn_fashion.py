@@ -2,12 +2,14 @@
 
     python benchmarks/knn_fashion.py --methods dino dinov2 --minutes 5 10 20 40 [overrides ...]
 
-For each method: a short calibration run measures seconds per optimizer step on this machine;
-each budget then trains a fresh run planned for minutes*60/seconds_per_step steps (schedules
-are laid over the planned run, as in any run). The trained teacher backbone is evaluated by
-weighted k-NN (k=20, T=0.07, cosine) on the official test split with all 60k training images
-as the bank, beside two floors: the same backbone at random init and the raw pixels
-(standardised), both at the recipe's global crop size. Extra arguments are training overrides
+For each method: two short calibration runs (n and 2n steps) measure seconds per optimizer step
+on this machine; each budget then trains a fresh run planned for minutes*60/seconds_per_step
+steps (schedules are laid over the planned run, as in any run), and its row reports the minutes
+it actually trained (``fit_seconds``), with a warning when they miss the budget by more than 5%.
+The trained teacher backbone is evaluated by weighted k-NN (k=20, T=0.07, cosine) on the
+official test split with all 60k training images as the bank, beside two floors: the same
+backbone at random init (computed once for methods that build the same backbone from the same
+seed) and the raw pixels (standardised), both at the recipe's global crop size. Extra arguments are training overrides
 (tune on the validation split: python -m ssl_vit.train prints its k-NN on it).
 
 Budgets run shortest first, every method at one budget before the next budget. Results are
@@ -32,8 +34,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(out_dir: Path, overrides: list[str]) -> float:
-    """Runs python -m ssl_vit.train in a fresh directory; returns its wall time in seconds."""
+def train(out_dir: Path, overrides: list[str]) -> tuple[float, float]:
+    """Runs python -m ssl_vit.train in a fresh directory; returns its wall time and its training
+    time (``fit_seconds`` from metrics.json: without start-up), in seconds."""
     cmd = [sys.executable, "-m", "ssl_vit.train", f"hydra.run.dir={out_dir}", "eval.final_knn=false",
            "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false"] + overrides
     if (out_dir / "checkpoints").exists():  # an interrupted earlier attempt: start over, not resume
@@ -43,7 +46,8 @@ def train(out_dir: Path, overrides: list[str]) -> float:
     if result.returncode:
         print(result.stdout[-3000:], result.stderr[-3000:], file=sys.stderr)
         raise SystemExit(f"training failed: {' '.join(cmd)}")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    return wall, json.loads((out_dir / "metrics.json").read_text())["fit_seconds"]
 
 
 def compose_recipe(method: str, overrides: list[str]):
@@ -102,11 +106,12 @@ def random_init_knn(cfg, loaders) -> float:
     return knn_of(build_backbone_from_config(cfg.model), loaders)
 
 
-def seconds_per_step(method: str, overrides: list[str], out: Path, steps: int) -> float:
-    """The same run for 2n and n steps: the difference is n steps without the start-up cost."""
+def calibrate(method: str, overrides: list[str], out: Path, steps: int) -> float:
+    """Seconds per optimizer step: the training times of the same run for 2n and n steps differ
+    by n steps, without the first steps' one-off costs (worker start, first batches)."""
     base = [f"method={method}"] + overrides
-    short = train(out / f"{method}_cal1", base + [f"trainer.max_steps={steps}"])
-    long = train(out / f"{method}_cal2", base + [f"trainer.max_steps={2 * steps}"])
+    _, short = train(out / f"{method}_cal1", base + [f"trainer.max_steps={steps}"])
+    _, long = train(out / f"{method}_cal2", base + [f"trainer.max_steps={2 * steps}"])
     return max((long - short) / steps, 1e-3)
 
 
@@ -114,7 +119,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["dino", "dinov2"])
     parser.add_argument("--minutes", nargs="+", type=float, default=[5, 10, 20, 40])
-    parser.add_argument("--calibration-steps", type=int, default=30)
+    parser.add_argument("--calibration-steps", type=int, default=60)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "knn_fashion")
     args, overrides = parser.parse_known_args()
 
@@ -153,9 +158,16 @@ def main() -> None:
               flush=True)
     for method in args.methods:
         if method not in results["methods"]:
+            # Methods that build the same backbone from the same seed share one random-init figure.
+            random_key = json.dumps([OmegaConf.to_container(recipes[method].model, resolve=True),
+                                     recipes[method].seed])
+            random_init = results.setdefault("random_init", {})
+            if random_key not in random_init:
+                random_init[random_key] = random_init_knn(recipes[method], loaders[sizes[method]])
             results["methods"][method] = {
-                "random_init": random_init_knn(recipes[method], loaders[sizes[method]]),
-                "seconds_per_step": seconds_per_step(method, overrides, args.out, args.calibration_steps),
+                "random_init": random_init[random_key],
+                "seconds_per_step": calibrate(method, overrides, args.out, args.calibration_steps),
+                "calibration_steps": args.calibration_steps,
             }
             save()
         info = results["methods"][method]
@@ -169,16 +181,24 @@ def main() -> None:
             if not done:
                 steps = max(1, int(minutes * 60 / info["seconds_per_step"]))
                 out_dir = args.out / f"{method}_{minutes:g}min"
-                wall = train(out_dir, [f"method={method}", f"trainer.max_steps={steps}"] + overrides)
+                wall, fit = train(out_dir, [f"method={method}", f"trainer.max_steps={steps}"] + overrides)
                 accuracy = knn_of(ssl_vit.load_backbone(out_dir / "checkpoints" / "last.ckpt"),
                                   loaders[sizes[method]])
                 results["runs"].append(dict(method=method, minutes=minutes, steps=steps, wall_s=round(wall, 1),
-                                            knn_top1=accuracy))
+                                            fit_s=fit, knn_top1=accuracy))
                 save()
                 done = results["runs"][-1:]
             row = done[0]
             # Rows carried over from an earlier sitting may lack the wall time; "source" says where from.
             wall = f", {row['wall_s'] / 60:.1f} min wall" if row.get("wall_s") else ""
+            if row.get("fit_s"):
+                # The budget is training time (trainer.fit), not start-up.
+                trained_min = row["fit_s"] / 60
+                wall += f", {trained_min:.1f} min training"
+                if abs(trained_min - minutes) > 0.05 * minutes:
+                    print(f"warning: {method} at {minutes:g} min trained for {trained_min:.1f} min: the step time "
+                          "differed from its calibration (was the machine busy?); compare with care",
+                          file=sys.stderr, flush=True)
             origin = f" [{row['source']}]" if row.get("source") else ""
             print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps{wall}): "
                   f"knn_top1={row['knn_top1']:.4f} ({100 * (row['knn_top1'] - info['random_init']):+.1f} points "

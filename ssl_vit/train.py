@@ -1,12 +1,14 @@
 """python -m ssl_vit.train [overrides]: self-supervised pretraining (Hydra entry point).
 
 All outputs go to the Hydra run folder DIR: checkpoints/last.ckpt (resumed automatically when
-the same DIR is used again), logs/, and the final k-NN figures in metrics.json.
+the same DIR is used again), logs/, and metrics.json: the final k-NN figures and fit_seconds, the
+training time of this invocation (without start-up and final k-NN; a resumed run counts anew).
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -49,9 +51,12 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     trainer = build_trainer(cfg, out_dir, datamodule)
     # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    fit_start = time.perf_counter()
     trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+    # Training time without start-up or the final k-NN: what a wall-clock budget should count.
+    fit_seconds = round(time.perf_counter() - fit_start, 1)
 
-    metrics: dict[str, float] = {"global_step": trainer.global_step}
+    metrics: dict[str, float] = {"global_step": trainer.global_step, "fit_seconds": fit_seconds}
     if not trainer.is_global_zero:
         return metrics
     if cfg.eval.final_knn:

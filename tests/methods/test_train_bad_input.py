@@ -3,6 +3,7 @@ reports the skipped files; an empty folder or an impossible crop size fails befo
 import io
 import json
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -44,8 +45,12 @@ def messy_folder(tmp_path):
 def test_messy_folder_trains_on_the_good_images_and_reports_the_skipped(messy_folder, tmp_path, caplog, capsys):
     cfg = compose_train(FOLDER_RUN + [f"data.root={messy_folder}", "eval.final_knn_max_train=6"])
     with caplog.at_level(logging.WARNING, logger="ssl_vit.data"):
+        started = time.perf_counter()
         metrics = run(cfg, tmp_path / "run")
+        elapsed = time.perf_counter() - started
     assert metrics["global_step"] == 3  # trained to the end
+    # The training time excludes set-up and the final k-NN, so it is a part of the whole call.
+    assert 0 < metrics["fit_seconds"] < elapsed
     assert metrics["skipped_files"] == 3  # corrupt.jpg, truncated.png, empty.jpg; readme.txt is no image
     printed = capsys.readouterr()
     assert "skipped 3 unreadable files" in printed.out
@@ -56,6 +61,7 @@ def test_messy_folder_trains_on_the_good_images_and_reports_the_skipped(messy_fo
     assert (metrics["knn_bank_size"], metrics["knn_query_size"]) == (6, 4)
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["skipped_files"] == 3 and saved["global_step"] == 3
+    assert saved["fit_seconds"] == metrics["fit_seconds"]
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
 
 
