@@ -9,8 +9,9 @@ it actually trained (``fit_seconds``), with a warning when they miss the budget 
 The trained teacher backbone is evaluated by weighted k-NN (k=20, T=0.07, cosine) on the
 official test split with all 60k training images as the bank, beside two floors: the same
 backbone at random init (computed once for methods that build the same backbone from the same
-seed) and the raw pixels (standardised), both at the recipe's global crop size. Extra arguments are training overrides
-(tune on the validation split: python -m ssl_vit.train prints its k-NN on it).
+seed) and the raw pixels (standardised), both at the recipe's global crop size. Extra arguments
+are training overrides (tune on the validation split: python -m ssl_vit.train prints its k-NN
+on it).
 
 Budgets run shortest first, every method at one budget before the next budget. Results are
 written to OUT/results.json after every run; running the same command again skips the runs
