@@ -120,10 +120,13 @@ class DINOLoss(nn.Module):
         batch = student.shape[1]
 
         dtype = compute_dtype(student, teacher)
-        teacher = teacher.to(dtype)
-        log_p_s = F.log_softmax(student.to(dtype) / self.student_temp, dim=-1)  # (n_s, B, K)
-        # ce[t, s] = mean over the batch of -sum_k p_t * log p_s, for every pair at once.
-        ce = -torch.einsum("tbk,sbk->ts", teacher, log_p_s) / batch
+        # Autocast off: under bf16 autocast the einsum would round both operands to bf16 (a
+        # loss of ~7 showed in steps of 1/32 and its gradients were as coarse).
+        with torch.autocast(device_type=student.device.type, enabled=False):
+            teacher = teacher.to(dtype)
+            log_p_s = F.log_softmax(student.to(dtype) / self.student_temp, dim=-1)  # (n_s, B, K)
+            # ce[t, s] = mean over the batch of -sum_k p_t * log p_s, for every pair at once.
+            ce = -torch.einsum("tbk,sbk->ts", teacher, log_p_s) / batch
         valid = torch.ones(n_t, n_s, dtype=torch.bool, device=ce.device)
         idx = torch.arange(n_t, device=ce.device)
         valid[idx, idx] = False  # global crop i is never compared with itself

@@ -145,3 +145,23 @@ def test_teacher_gets_no_gradient_and_student_does():
     loss_fn(student, probs.chunk(2)).backward()
     assert all(s.grad is not None and torch.isfinite(s.grad).all() for s in student)
     assert t_logits.grad is None
+
+
+def test_bf16_autocast_does_not_round_the_loss():
+    """Under bf16 autocast (the default on GPUs and bf16-capable CPUs) the loss is still computed
+    in float32: same value and gradient as the naive float64 loop, to float32 accuracy."""
+    gen = torch.Generator().manual_seed(7)
+    B, K = 4, 64
+    student = _crops(4, B, K, gen, scale=3.0)
+    teacher = [torch.softmax(t, -1) for t in _crops(2, B, K, gen, scale=3.0)]
+    expected, _, _ = ref.dino_loss([ref.to_lists(s) for s in student], [ref.to_lists(t) for t in teacher])
+
+    logits = torch.stack(student).float().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = DINOLoss(K)(logits, torch.stack(teacher).float())
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(expected, rel=1e-6)  # bf16 rounding alone is ~4e-3
+    got.backward()
+    reference = torch.stack(student).requires_grad_(True)
+    DINOLoss(K)(reference, torch.stack(teacher)).backward()
+    torch.testing.assert_close(logits.grad, reference.grad.float(), rtol=1e-5, atol=1e-7)
