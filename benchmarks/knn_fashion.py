@@ -217,7 +217,7 @@ def main() -> None:
                 wall += f", {trained_min:.1f} min training"
                 if abs(trained_min - minutes) > 0.05 * minutes:
                     print(f"warning: {method} at {minutes:g} min trained for {trained_min:.1f} min: the step time "
-                          "differed from its calibration (was the machine busy?); compare with care",
+                          "differed from the one it was planned with (was the machine busy?); compare with care",
                           file=sys.stderr, flush=True)
             origin = f" [{row['source']}]" if row.get("source") else ""
             print(f"{method:>7} {minutes:>4g} min ({row['steps']} steps{wall}): "
