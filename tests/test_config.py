@@ -64,6 +64,8 @@ def test_cpu_recipe_values_for_one_method_stay_with_that_method():
                      "model.name": "vit_small"}),
     ("dinov2_vitl16_short", {"method.name": "dinov2", "method.momentum_teacher": 0.992,
                              "method.koleo_loss_weight": 0.1, "method.crops.global_size": 224,
+                             "method.warmup_teacher_temp": 0.04, "method.teacher_temp": 0.07,
+                             "method.warmup_teacher_temp_epochs": 30,
                              "optim.lr": 0.004, "model.name": "vit_large"}),
 ])
 def test_paper_recipes_keep_the_published_values(experiment, expected):
