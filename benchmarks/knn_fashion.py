@@ -192,10 +192,10 @@ def main() -> None:
     for minutes in sorted(args.minutes):
         for method in args.methods:
             info = results["methods"][method]
-            done = [r for r in results["runs"] if r["method"] == method and r["minutes"] == minutes]
+            method_runs = [r for r in results["runs"] if r["method"] == method]
+            done = [r for r in method_runs if r["minutes"] == minutes]
             if not done:
-                seconds_per_step, source = planning_seconds_per_step(
-                    info["seconds_per_step"], [r for r in results["runs"] if r["method"] == method])
+                seconds_per_step, source = planning_seconds_per_step(info["seconds_per_step"], method_runs)
                 steps = max(1, int(minutes * 60 / seconds_per_step))
                 print(f"{method} {minutes:g} min: {steps} steps at {seconds_per_step:.3f} s per step "
                       f"(from {source})", flush=True)
