@@ -25,15 +25,16 @@ from ssl_vit.config import build_backbone_from_config
 log = logging.getLogger("ssl_vit.train")
 
 
-def final_knn(cfg: DictConfig, method, datamodule, precision: str) -> dict[str, float]:
+def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch.device) -> dict[str, float]:
     """k-NN top-1 on the full validation split: the trained teacher beside the same backbone
     at random init (same seed, so the same initial weights the run started from). The bank is
-    the train split, or a fixed stratified subset of ``eval.final_knn_max_train`` images of it."""
+    the train split, or a fixed stratified subset of ``eval.final_knn_max_train`` images of it.
+    ``device``: where training ran (Lightning moves the module back to the CPU when fit ends)."""
     bank, query = datamodule.knn_dataloaders("val", max_train=cfg.eval.get("final_knn_max_train"))
     dtype = torch.bfloat16 if "bf16" in precision else None
     L.seed_everything(cfg.seed, verbose=False)
-    random_init = build_backbone_from_config(cfg.model).to(method.device)
-    trained, baseline = knn_accuracies([method.teacher_backbone(), random_init], bank, query, method.device,
+    random_init = build_backbone_from_config(cfg.model).to(device)
+    trained, baseline = knn_accuracies([method.teacher_backbone().to(device), random_init], bank, query, device,
                                        autocast_dtype=dtype, progress=True)
     return {"knn_top1": trained, "knn_top1_random_init": baseline, "knn_bank_size": len(bank.dataset),
             "knn_query_size": len(query.dataset)}
@@ -60,7 +61,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     if not trainer.is_global_zero:
         return metrics
     if cfg.eval.final_knn:
-        metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision)))
+        metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision), trainer.strategy.root_device))
         print(f"knn_top1={metrics['knn_top1']:.4f} (k=20; queries: the {metrics['knn_query_size']} validation "
               f"images, bank: {metrics['knn_bank_size']} training images)")
         print(f"knn_top1_random_init={metrics['knn_top1_random_init']:.4f}")

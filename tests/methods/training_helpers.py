@@ -23,8 +23,10 @@ def compose_train(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0):
-    """Train with the real builders; returns (cfg, datamodule, method, trainer)."""
+def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0, accelerator: str = "cpu",
+        precision: str = "32"):
+    """Train with the real builders; returns (cfg, datamodule, method, trainer). Bit-for-bit
+    deterministic on the CPU in fp32 (the default); on CUDA, as fast as cuDNN allows."""
     cfg = compose_train(TINY + [f"trainer.max_steps={max_steps}", f"seed={seed}"] + list(overrides))
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -33,7 +35,7 @@ def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0):
     datamodule.setup("fit")
     method = build_method(cfg, datamodule)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, precision="32",
-                        callbacks=list(callbacks), deterministic=True)
+                        enable_progress_bar=False, enable_model_summary=False, accelerator=accelerator,
+                        precision=precision, callbacks=list(callbacks), deterministic=accelerator == "cpu")
     trainer.fit(method, datamodule=datamodule)
     return cfg, datamodule, method, trainer
