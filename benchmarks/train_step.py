@@ -36,9 +36,10 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     loader = iter(datamodule.train_dataloader())
     batch = next(loader)  # the first batch pays one-off costs (file reads, caches): not timed
     start = time.perf_counter()
-    for _ in range(steps):
-        next(loader)
-    data_s = (time.perf_counter() - start) / steps
+    data_batches = 0
+    while data_batches < steps and next(loader, None) is not None:  # a small data set may end first
+        data_batches += 1
+    data_s = (time.perf_counter() - start) / max(data_batches, 1)
     batch_size = batch["global_crops"].shape[0] // 2
 
     method = build_method(cfg, datamodule).to(device)
@@ -75,8 +76,11 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     print(f"{cfg.method.name} {cfg.model.name} batch {batch_size}, {2} x {crops.global_size}px + "
           f"{crops.n_local} x {crops.local_size}px crops, {'bf16' if bf16 else 'fp32'} on {device}")
     print(f"  training step: {step_s:.3f} s  ->  {batch_size / step_s:.1f} images/s")
-    print(f"  data pipeline (1 process, mean of {steps} batches): {data_s:.3f} s per batch  ->  "
-          f"{batch_size / data_s:.1f} images/s")
+    if data_batches:
+        print(f"  data pipeline (1 process, mean of {data_batches} batches): {data_s:.3f} s per batch  ->  "
+              f"{batch_size / data_s:.1f} images/s")
+    else:
+        print("  data pipeline: not timed (the data set holds a single batch)")
 
 
 if __name__ == "__main__":
