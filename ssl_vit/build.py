@@ -1,13 +1,15 @@
 """Config -> objects for a training run: data module, method, trainer. Errors name the key."""
 from __future__ import annotations
 
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint
 from ssl_vit.config import backbone_arch, to_dict
@@ -61,7 +63,7 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     ibot = cfg.method.get("ibot")
     grid = crops.global_size // cfg.model.patch_size
     collate = MultiCropCollator(
-        BlockMaskGenerator((grid, grid)) if ibot else None,
+        BlockMaskGenerator((grid, grid), law=ibot.get("mask_law", "official")) if ibot else None,
         mask_ratio_range=tuple(ibot.mask_ratio) if ibot else (0.1, 0.5),
         mask_probability=ibot.mask_probability if ibot else 0.0,
         seed=cfg.seed,
@@ -74,30 +76,112 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
     )
 
 
-def planned_steps(cfg: DictConfig, steps_per_data_epoch: int) -> tuple[int, int]:
-    """(total optimizer steps, steps per schedule epoch) of the planned run."""
-    steps_per_epoch = cfg.get("steps_per_epoch") or steps_per_data_epoch
-    total = cfg.trainer.max_steps if cfg.trainer.max_steps and cfg.trainer.max_steps > 0 else None
-    if total is None:
-        total = cfg.trainer.max_epochs * steps_per_data_epoch
-    return int(total), int(steps_per_epoch)
+def world_size_from_config(cfg: DictConfig) -> int:
+    """Processes a run of ``cfg`` uses: ``trainer.devices x trainer.num_nodes``. ``devices`` may be
+    a count, a list of device ids or a string of either ("2", "0,1"); "auto" and -1 depend on the
+    machine, so they need the Trainer (``build_method(..., world_size=trainer.world_size)``)."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    elif isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple, ListConfig)):
+        per_node = len(devices)
+    elif isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        per_node = devices
+    else:
+        raise ValueError(f"trainer.devices={devices!r}: the number of processes (which scales the learning rate) "
+                         "cannot be told from the config alone; give a count or a list of devices, or build "
+                         "the method with world_size=trainer.world_size")
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ValueError(f"trainer.num_nodes={nodes!r}; allowed: an integer >= 1")
+    return per_node * nodes
 
 
-def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int = 1):
-    steps_per_data_epoch = len(datamodule.train_dataloader())
-    total_steps, steps_per_epoch = planned_steps(cfg, steps_per_data_epoch)
+def accumulated_batches(cfg: DictConfig) -> int:
+    """``trainer.accumulate_grad_batches`` (1 when not set): micro-batches per optimizer step."""
+    value = cfg.trainer.get("accumulate_grad_batches", 1)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"trainer.accumulate_grad_batches={value!r}; allowed: an integer >= 1")
+    return value
+
+
+def optimizer_steps_per_data_epoch(n_images: int, batch_size: int, world_size: int, accumulate: int) -> int:
+    """Optimizer steps of one pass over ``n_images`` on every process: Lightning's distributed
+    sampler gives each of the ``world_size`` processes ``ceil(n / world_size)`` images, batches
+    drop the last incomplete one, and the last accumulation window of an epoch still steps."""
+    per_process = math.ceil(n_images / world_size)
+    batches = per_process // batch_size
+    if batches == 0:
+        raise ValueError(
+            f"data.batch_size={batch_size} is larger than the {per_process} training images each of the "
+            f"{world_size} processes gets ({n_images} in all): not one batch would be formed; lower "
+            "data.batch_size (or add images)"
+        )
+    return math.ceil(batches / accumulate)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What the schedules are laid over, from the config and the number of processes."""
+
+    world_size: int
+    global_batch_size: int  # data.batch_size x world_size x accumulate_grad_batches
+    total_steps: int  # optimizer steps of the planned run
+    steps_per_epoch: int  # optimizer steps of one schedule "epoch"
+
+
+def plan_run(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | None = None) -> RunPlan:
+    """The run's plan; ``world_size`` defaults to :func:`world_size_from_config`. The training
+    data are only counted when a schedule needs them (no ``steps_per_epoch`` or no ``max_steps``)."""
+    world = world_size_from_config(cfg) if world_size is None else int(world_size)
+    accumulate = accumulated_batches(cfg)
+    batch = cfg.data.batch_size
+    max_steps = cfg.trainer.max_steps if cfg.trainer.max_steps and cfg.trainer.max_steps > 0 else None
+    data_epoch = None
+    if cfg.get("steps_per_epoch") is None or max_steps is None:
+        data_epoch = optimizer_steps_per_data_epoch(len(datamodule.train_dataset), batch, world, accumulate)
+    steps_per_epoch = cfg.get("steps_per_epoch") or data_epoch
+    total = max_steps if max_steps is not None else cfg.trainer.max_epochs * data_epoch
+    return RunPlan(world, batch * world * accumulate, int(total), int(steps_per_epoch))
+
+
+def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | None = None):
+    """The method of ``cfg``, its schedules planned for ``world_size`` processes (default: from
+    ``trainer.devices x trainer.num_nodes``; ``train.py`` passes the Trainer's resolved count)."""
+    plan = plan_run(cfg, datamodule, world_size)
     method = METHODS[cfg.method.name](
         arch=backbone_arch(cfg.model),
         method=to_dict(cfg.method),
         optim=to_dict(cfg.optim),
-        total_steps=total_steps,
-        steps_per_epoch=steps_per_epoch,
-        global_batch_size=cfg.data.batch_size * world_size,
+        total_steps=plan.total_steps,
+        steps_per_epoch=plan.steps_per_epoch,
+        global_batch_size=plan.global_batch_size,
         preprocessing=datamodule.describe(),
     )
     if cfg.model.get("init"):  # student and teacher start from the same outside weights
         method.load_backbone_weights(initial_weights_for(cfg.model.init, backbone_arch(cfg.model)))
     return method
+
+
+def resolved_world_size(cfg: DictConfig, trainer: L.Trainer) -> int:
+    """The Trainer's number of processes, checked against the config and the launcher: torchrun
+    and Lightning's own launcher set ``WORLD_SIZE``; under SLURM the Trainer reads the task count."""
+    world = trainer.world_size
+    planned = trainer.num_nodes * trainer.num_devices
+    launched = os.environ.get("WORLD_SIZE")
+    try:
+        configured = world_size_from_config(cfg)
+    except ValueError:  # "auto" / -1: the Trainer decides
+        configured = planned
+    if world != planned or configured != planned or (launched and int(launched) != world):
+        raise ValueError(
+            f"trainer.devices={cfg.trainer.get('devices')!r} x trainer.num_nodes={cfg.trainer.get('num_nodes')!r} "
+            f"asks for {configured} processes, the Trainer plans {planned} and the launcher "
+            f"{'started ' + launched if launched else 'reports ' + str(world)} (WORLD_SIZE, SLURM_NTASKS): set "
+            "trainer.devices and trainer.num_nodes to the processes per node and the nodes the job really has"
+        )
+    return world
 
 
 def build_logger(cfg: DictConfig, out_dir: Path):

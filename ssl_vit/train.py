@@ -18,7 +18,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ssl_vit.build import build_datamodule, build_method, build_trainer, resume_path, validate
+from ssl_vit.build import (
+    build_datamodule, build_method, build_trainer, resolved_world_size, resume_path, validate,
+)
 from ssl_vit.callbacks.knn import knn_accuracies
 from ssl_vit.config import build_backbone_from_config
 
@@ -48,8 +50,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    method = build_method(cfg, datamodule)
     trainer = build_trainer(cfg, out_dir, datamodule)
+    # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
+    method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
     # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     fit_start = time.perf_counter()

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import lightning as L
 
+from ssl_vit.callbacks.step_tracking import OptimizerStepCallback
 
-class LastCheckpoint(L.Callback):
+
+class LastCheckpoint(OptimizerStepCallback):
     def __init__(self, dirpath: str | os.PathLike, every_n_steps: int = 50):
         self.path = Path(dirpath) / "last.ckpt"
         self.every_n_steps = every_n_steps
@@ -28,7 +30,7 @@ class LastCheckpoint(L.Callback):
         self._saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.optimizer_stepped(trainer) and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.save(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:

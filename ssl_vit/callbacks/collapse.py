@@ -6,11 +6,12 @@ teacher_batch_entropy`` near 0 means every image lands on the same prototype.
 """
 from __future__ import annotations
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 
+from ssl_vit.callbacks.step_tracking import OptimizerStepCallback
 
-class CollapseMonitor(L.Callback):
+
+class CollapseMonitor(OptimizerStepCallback):
     def __init__(self, every_n_steps: int = 50, start_step: int = 50, uniform_above: float = 0.98,
                  one_hot_below: float = 0.02):
         self.every_n_steps = every_n_steps
@@ -39,5 +40,5 @@ class CollapseMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if step >= self.start_step and step % self.every_n_steps == 0:
+        if self.optimizer_stepped(trainer) and step >= self.start_step and step % self.every_n_steps == 0:
             self.check(step, trainer.callback_metrics)

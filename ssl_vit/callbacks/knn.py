@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import lightning as L
 import torch
 
+from ssl_vit.callbacks.step_tracking import OptimizerStepCallback
 from ssl_vit.evaluation.knn import extract_features_of_many, knn_top1
 
 
@@ -27,7 +28,7 @@ def knn_accuracies(backbones: Sequence[torch.nn.Module], bank_loader, query_load
             for bank, query in zip(banks, queries)]
 
 
-class KNNMonitor(L.Callback):
+class KNNMonitor(OptimizerStepCallback):
     """Every ``every_n_steps`` optimizer steps, logs ``knn_top1`` (k=20, T=0.07, cosine) of the
     module's ``teacher_backbone()`` on a fixed, stratified subset of the validation split.
     ``skip_last_step``: not at the run's last step (a full evaluation follows the run anyway)."""
@@ -53,7 +54,9 @@ class KNNMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        if not self.every_n_steps or step % self.every_n_steps or not trainer.is_global_zero:
+        if not self.optimizer_stepped(trainer) or not self.every_n_steps or step % self.every_n_steps:
+            return
+        if not trainer.is_global_zero:
             return
         if self.skip_last_step and step == trainer.max_steps:
             return

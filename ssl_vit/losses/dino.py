@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_vit.losses.distributed import all_reduce_sum
+from ssl_vit.losses.center import EMACenterMixin, check_center_reduction
 from ssl_vit.losses.sinkhorn import sinkhorn_knopp
 
-__all__ = ["DINOLoss", "ema_center_update"]
+__all__ = ["DINOLoss", "compute_dtype"]
 
 Crops = Union[Sequence[torch.Tensor], torch.Tensor]
 
@@ -32,25 +32,7 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-@torch.no_grad()
-def ema_center_update(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> None:
-    """``center <- m * center + (1 - m) * mean(logits)``, the mean over all rows of all processes.
-
-    ``logits`` is ``(..., K)``; every leading index is one sample. The per-process sum and row
-    count are all-reduced together (one collective), so processes may hold different numbers of
-    rows. If no process holds any row, the center is left unchanged.
-    """
-    flat = logits.detach().reshape(-1, logits.shape[-1]).float()
-    stats = torch.cat([flat.sum(dim=0), flat.new_tensor([float(flat.shape[0])])])
-    all_reduce_sum(stats)
-    count = stats[-1]
-    batch_center = (stats[:-1] / count.clamp(min=1.0)).reshape(center.shape).to(center.dtype)
-    updated = center * momentum + batch_center * (1.0 - momentum)
-    # No host sync: keep the old center where nobody had a row.
-    center.copy_(torch.where(count > 0, updated, center))
-
-
-class DINOLoss(nn.Module):
+class DINOLoss(EMACenterMixin, nn.Module):
     """Cross-entropy between teacher targets on the global crops and student predictions.
 
     Crop layout (explicit indexing):
@@ -78,11 +60,13 @@ class DINOLoss(nn.Module):
 
     center: torch.Tensor
 
-    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_reduction: str = "sample_mean"):
         super().__init__()
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center_reduction = check_center_reduction(center_reduction)
         self.register_buffer("center", torch.zeros(1, out_dim))
 
     # ----------------------------------------------------------------- teacher targets
@@ -135,14 +119,15 @@ class DINOLoss(nn.Module):
 
     # ----------------------------------------------------------------- center
     @torch.no_grad()
-    def update_center(self, teacher_logits: Crops) -> None:
-        """EMA of the mean *raw* teacher logits of both global crops over the whole batch.
+    def accumulate_center(self, teacher_logits: Crops) -> None:
+        """Fold the *raw* teacher logits of both global crops into this step's center update.
 
         ``teacher_logits``: ``(2 * B_local, K)``, a list of ``(B_local, K)`` crops, or
-        ``(2, B_local, K)``. ``center <- m * center + (1 - m) * mean`` where the mean is over
-        all rows of all processes (sum and count all-reduced; unequal batch sizes are fine).
-        Call it *after* computing this step's targets.
+        ``(2, B_local, K)``. The batch center is the mean over all rows of all processes
+        (``center_reduction="sample_mean"``, DINO's; unequal batch sizes are fine).
+        :meth:`update_center` accumulates and applies at once; call either *after* computing this
+        step's targets (see :mod:`ssl_vit.losses.center`).
         """
         if not isinstance(teacher_logits, torch.Tensor):
             teacher_logits = torch.cat([t.reshape(-1, t.shape[-1]) for t in teacher_logits], dim=0)
-        ema_center_update(self.center, teacher_logits, self.center_momentum)
+        super().accumulate_center(teacher_logits)

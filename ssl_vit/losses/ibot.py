@@ -5,7 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ssl_vit.losses.dino import compute_dtype, ema_center_update
+from ssl_vit.losses.center import EMACenterMixin, check_center_reduction
+from ssl_vit.losses.dino import compute_dtype
 from ssl_vit.losses.sinkhorn import sinkhorn_knopp
 
 __all__ = ["IBOTPatchLoss", "masked_token_weights"]
@@ -19,12 +20,18 @@ def masked_token_weights(masks: torch.Tensor, dtype: torch.dtype = torch.float32
     return per_image.unsqueeze(-1).expand_as(masks)[masks]
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(EMACenterMixin, nn.Module):
     """Patch-token cross-entropy between student (on masked crops) and teacher (on unmasked crops).
 
     The patch head has its own center buffer ``(1, K)``, independent of the DINO cls center.
     Same step order as :class:`~ssl_vit.losses.dino.DINOLoss`: targets with the old center,
-    then :meth:`update_center`.
+    then :meth:`update_center` (or :meth:`accumulate_center` per micro-batch and
+    :meth:`apply_center_update` once per optimizer step).
+
+    ``center_reduction``: how the batch center is formed over processes (see
+    :mod:`ssl_vit.losses.center`). The default ``"process_mean"`` is DINOv2's: the average over
+    processes of each process's mean over its own masked tokens. ``"sample_mean"`` (the mean over
+    all masked tokens of all processes, token-weighted) is an option that departs from it.
 
     Masked-token tensors ``(M, K)`` must list the masked tokens in the row-major order of the
     boolean mask ``masks`` of shape ``(n_global_crops * B, N)``, i.e. ``tokens[masks]``.
@@ -32,11 +39,13 @@ class IBOTPatchLoss(nn.Module):
 
     center: torch.Tensor
 
-    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(self, patch_out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9,
+                 center_reduction: str = "process_mean"):
         super().__init__()
         self.patch_out_dim = patch_out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.center_reduction = check_center_reduction(center_reduction)
         self.register_buffer("center", torch.zeros(1, patch_out_dim))
 
     # ----------------------------------------------------------------- teacher targets
@@ -106,11 +115,3 @@ class IBOTPatchLoss(nn.Module):
         of each image, then over images."""
         ce = self._token_ce(student_patch_logits, teacher_probs)  # (B, N)
         return ce.mean(dim=-1).mean()
-
-    # ----------------------------------------------------------------- center
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: torch.Tensor) -> None:
-        """EMA (momentum ``center_momentum``) of the mean raw teacher patch logit over all tokens
-        given (normally the masked tokens, ``(M, K)``) of all processes; sum and count are
-        all-reduced, so token counts may differ between processes. No tokens anywhere: unchanged."""
-        ema_center_update(self.center, teacher_patch_logits, self.center_momentum)

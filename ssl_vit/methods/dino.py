@@ -2,7 +2,8 @@
 
 Per step: the teacher (EMA of the student) embeds the two global crops; its outputs, centered
 and sharpened, are the targets for the student's outputs on every other crop (global and
-local); the center then absorbs this batch. Gradients are clipped per parameter tensor and the
+local); the center then absorbs this batch. The teacher temperature's warm-up (none by default)
+is DINO's per-epoch table (``method.teacher_temp_schedule=per_epoch``; ``per_step`` as DINOv2). Gradients are clipped per parameter tensor and the
 last layer receives none during the first epoch.
 
 DINO has no KoLeo term; ``method.koleo_loss_weight`` (0 by default, as in the paper) adds
@@ -27,6 +28,7 @@ def split_crops(logits: torch.Tensor, n_crops: int) -> list[torch.Tensor]:
 
 class DINO(SelfDistillationMethod):
     name = "dino"
+    default_teacher_temp_schedule = "per_epoch"  # DINO's table: constant within an epoch
 
     def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         head = self.cfg["head"]
@@ -57,7 +59,8 @@ class DINO(SelfDistillationMethod):
         if koleo_weight:
             terms["koleo"] = (koleo_weight, koleo_loss_per_crop(cls_tokens[: 2 * batch_size], 2))
         total = self.checked_total(terms)
-        self.dino_loss.update_center(teacher_logits)  # after the targets: step t is not in its own center
+        # After the targets: step t is not in its own center (applied after the optimizer step).
+        self.dino_loss.accumulate_center(teacher_logits)
         self.log_collapse_metrics(targets, student_logits[: 2 * batch_size])
         return total
 

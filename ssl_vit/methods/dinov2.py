@@ -39,7 +39,8 @@ class DINOv2(SelfDistillationMethod):
         if ibot["separate_head"]:
             heads["ibot_head"] = head(ibot["head"])
         patch_dim = ibot["head"]["out_dim"] if ibot["separate_head"] else cfg["head"]["out_dim"]
-        self.ibot_loss = IBOTPatchLoss(patch_dim, cfg["student_temp"], cfg["center_momentum"])
+        self.ibot_loss = IBOTPatchLoss(patch_dim, cfg["student_temp"], cfg["center_momentum"],
+                                       center_reduction=ibot.get("center_reduction", "process_mean"))
         return heads
 
     def patch_head(self, model: nn.ModuleDict) -> nn.Module:
@@ -87,8 +88,9 @@ class DINOv2(SelfDistillationMethod):
             "koleo": (self.cfg["koleo_loss_weight"], koleo),
         })
         if self.cfg["centering"] == "centering":
-            self.dino_loss.update_center(cls_logits_t)
-            self.ibot_loss.update_center(patch_logits_t)
+            # Applied after the optimizer step, over every micro-batch of the step.
+            self.dino_loss.accumulate_center(cls_logits_t)
+            self.ibot_loss.accumulate_center(patch_logits_t)
         self.log_collapse_metrics(cls_targets, student_cls_logits[: 2 * batch_size])
         return total
 

@@ -31,8 +31,10 @@ Definitions followed (exactly those of the released code, not the "textbook" var
   ``CosineScheduler`` with ``total_iters == warmup_iters``: ``np.linspace(start, end,
   warmup_steps)`` followed by ``end`` for every later step.  The value therefore reaches ``end``
   at step ``warmup_steps - 1`` (``start + (end - start) * step / (warmup_steps - 1)``).
-  DINO's own teacher-temperature warm-up is the same linspace but per *epoch*; stepping it per
-  optimizer step is DINOv2's choice, and the one used here.
+  DINO's own teacher-temperature warm-up is the same linspace but per *epoch*
+  (``np.linspace(start, end, warmup_epochs)`` indexed by the epoch, so the value is constant
+  within an epoch): :class:`PerEpoch` looks a schedule up at ``step // steps_per_epoch``, and
+  :func:`teacher_temp_schedule_for` picks per step (DINOv2) or per epoch (DINO).
 
 Recipe helpers (:func:`lr_schedule`, :func:`weight_decay_schedule`, :func:`momentum_schedule`,
 :func:`teacher_temp_schedule`) just fill in the papers' defaults, and :func:`scaled_lr` applies
@@ -131,6 +133,24 @@ class ConstantSchedule:
         return [float(self.value)] * int(total_steps)
 
 
+@dataclass(frozen=True)
+class PerEpoch:
+    """``schedule(step // steps_per_epoch)``: a per-epoch table (DINO) looked up by optimizer step."""
+
+    per_epoch: LinearWarmupThenConstant | ConstantSchedule
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+
+    def __call__(self, step: int) -> float:
+        return self.per_epoch(_check_step(step) // self.steps_per_epoch)
+
+    def values(self, total_steps: int) -> list[float]:
+        return [self(s) for s in range(int(total_steps))]
+
+
 def cosine_schedule(
     base: float, final: float, total_steps: int, warmup_steps: int = 0, warmup_start: float = 0.0
 ) -> CosineSchedule:
@@ -175,6 +195,52 @@ def teacher_temp_schedule(
     return linear_warmup_then_constant(start, end, warmup_steps)
 
 
+TEACHER_TEMP_SCHEDULES = ("per_step", "per_epoch")
+
+
+def teacher_temp_schedule_for(
+    mode: str, warmup_epochs: float, start: float, end: float, steps_per_epoch: int, total_steps: int,
+    notice=None,
+) -> LinearWarmupThenConstant | ConstantSchedule | PerEpoch:
+    """The teacher temperature of a run: ``start -> end`` over ``warmup_epochs``, then ``end``.
+
+    * ``mode="per_step"`` (DINOv2): linear per optimizer step over
+      ``round(warmup_epochs * steps_per_epoch)`` steps (cut to the run if longer);
+    * ``mode="per_epoch"`` (DINO): DINO's table ``linspace(start, end, warmup_epochs)`` indexed by
+      the schedule epoch ``step // steps_per_epoch``, constant within an epoch (a warm-up longer
+      than the planned epochs is cut to them). A fractional ``warmup_epochs`` (short recipes)
+      cannot index a per-epoch table: it warms up per step instead, and ``notice`` (a callable
+      taking one line of text) is told so.
+
+    ``notice`` also hears about a warm-up cut to the run.
+    """
+    if mode not in TEACHER_TEMP_SCHEDULES:
+        raise ValueError(f"method.teacher_temp_schedule={mode!r}; allowed: {', '.join(TEACHER_TEMP_SCHEDULES)}")
+    warmup_epochs = float(warmup_epochs)
+    if warmup_epochs < 0:
+        raise ValueError(f"method.warmup_teacher_temp_epochs={warmup_epochs!r} must be >= 0")
+    say = notice or (lambda _line: None)
+    if warmup_epochs == 0 or start == end:
+        return ConstantSchedule(float(end))
+    if mode == "per_epoch" and warmup_epochs.is_integer():
+        planned_epochs = math.ceil(total_steps / steps_per_epoch)
+        epochs = int(warmup_epochs)
+        if epochs > planned_epochs:
+            say(f"the teacher-temperature warm-up of {epochs} epochs is longer than the planned "
+                f"{planned_epochs} epochs; using {planned_epochs}")
+            epochs = planned_epochs
+        return PerEpoch(linear_warmup_then_constant(start, end, epochs), int(steps_per_epoch))
+    steps = int(round(warmup_epochs * steps_per_epoch))
+    if mode == "per_epoch":
+        say(f"method.warmup_teacher_temp_epochs={warmup_epochs:g} is not a whole number of epochs: the "
+            f"teacher temperature warms up per step over {steps} steps instead of DINO's per-epoch table")
+    if steps > total_steps:
+        say(f"a teacher-temperature warm-up of {warmup_epochs:g} epochs ({steps} steps) is longer than the "
+            f"planned run of {total_steps} steps; using {total_steps}")
+        steps = int(total_steps)
+    return teacher_temp_schedule(steps, start, end)
+
+
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     """Scale a base learning rate by the *global* batch size (summed over all processes).
 
@@ -203,6 +269,8 @@ __all__ = [
     "ConstantSchedule",
     "CosineSchedule",
     "LinearWarmupThenConstant",
+    "PerEpoch",
+    "TEACHER_TEMP_SCHEDULES",
     "cosine_schedule",
     "freeze_last_layer_active",
     "linear_warmup_then_constant",
@@ -210,5 +278,6 @@ __all__ = [
     "momentum_schedule",
     "scaled_lr",
     "teacher_temp_schedule",
+    "teacher_temp_schedule_for",
     "weight_decay_schedule",
 ]

@@ -3,8 +3,11 @@
 The base owns everything the two papers share (fidelity.md, "Heads, optimisation, schedules"):
   * the teacher: a copy of the student (backbone + heads), updated by EMA with a cosine
     momentum schedule, never trained by gradients, without drop path;
-  * per optimizer step: lr (scaled by the global batch, linear warm-up, cosine to min_lr),
-    weight decay (cosine), teacher temperature (linear warm-up then constant), last-layer freeze;
+  * per optimizer step: lr (scaled by the global batch: per-process batch x processes x
+    accumulated micro-batches; linear warm-up, cosine to min_lr), weight decay (cosine), teacher
+    temperature (linear warm-up then constant; per step, or per epoch for DINO), last-layer freeze;
+  * once per optimizer step, whatever gradient accumulation does: the lr / wd set before the
+    step, the EMA update and the loss centers' update after it (:meth:`optimizer_step`);
   * AdamW on parameter groups (no decay on biases / norms / LayerScale, optional layer-wise
     lr decay and patch-embed multiplier);
   * what a checkpoint must carry for ``ssl_vit.load_backbone``: the architecture, the teacher
@@ -19,11 +22,12 @@ import math
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 
 from ssl_vit.losses import check_finite
+from ssl_vit.losses.center import EMACenterMixin
 from ssl_vit.methods.ema import copy_student_to_teacher, ema_update
 from ssl_vit.methods.param_groups import apply_lr_wd, build_param_groups
 from ssl_vit.methods.schedules import (
@@ -31,7 +35,7 @@ from ssl_vit.methods.schedules import (
     lr_schedule,
     momentum_schedule,
     scaled_lr,
-    teacher_temp_schedule,
+    teacher_temp_schedule_for,
     weight_decay_schedule,
 )
 from ssl_vit.models import build_backbone
@@ -44,6 +48,9 @@ class SelfDistillationMethod(L.LightningModule):
     name = "self_distillation"
     # DINOv2 freezes the last layer with lr 0; DINO drops its gradients instead.
     freeze_last_layer_by_lr = False
+    # Used when the method config has no ``teacher_temp_schedule`` key (tools that build a method
+    # from older dicts); DINO warms its teacher temperature up per epoch, DINOv2 per step.
+    default_teacher_temp_schedule = "per_step"
 
     def __init__(
         self,
@@ -78,8 +85,10 @@ class SelfDistillationMethod(L.LightningModule):
         self.lr_at = lr_schedule(self.base_lr, total_steps, steps(optim["warmup_epochs"]), optim["min_lr"])
         self.wd_at = weight_decay_schedule(total_steps, optim["weight_decay"], optim["weight_decay_end"])
         self.momentum_at = momentum_schedule(total_steps, method["momentum_teacher"], 1.0)
-        self.teacher_temp_at = teacher_temp_schedule(
-            steps(method["warmup_teacher_temp_epochs"]), method["warmup_teacher_temp"], method["teacher_temp"]
+        self.teacher_temp_at = teacher_temp_schedule_for(
+            method.get("teacher_temp_schedule", self.default_teacher_temp_schedule),
+            method["warmup_teacher_temp_epochs"], method["warmup_teacher_temp"], method["teacher_temp"],
+            steps_per_epoch, self.total_steps, notice=rank_zero_info,
         )
         self.freeze_last_layer_steps = steps(method["freeze_last_layer_epochs"])
 
@@ -110,30 +119,34 @@ class SelfDistillationMethod(L.LightningModule):
     def last_layer_frozen(self, step: int) -> bool:
         return freeze_last_layer_active(step, self.freeze_last_layer_steps)
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        step = self.global_step
-        optimizer = self.optimizers()
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """One optimizer step (Lightning calls this once per step, after the last micro-batch
+        when gradients are accumulated): this step's lr / wd, the step itself (its closure runs
+        the last micro-batch's training step, backward and clipping), then the EMA teacher and
+        the loss centers. Everything here happens before callbacks see the step, so a checkpoint
+        written at step t holds the teacher and centers of step t."""
+        step = self.global_step  # this step's index in every schedule (counted after the step)
         apply_lr_wd(
             getattr(optimizer, "optimizer", optimizer),  # unwrap Lightning's optimizer wrapper
             self.lr_at(step),
             self.wd_at(step),
             freeze_last_layer=self.freeze_last_layer_by_lr and self.last_layer_frozen(step),
         )
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # Lightning calls this after backward (and unscaling) and before the optimizer step.
-        self.clip_gradients_as_in_paper()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # global_step already counts this batch's optimizer step: its schedule index is one less.
-        step = self.global_step - 1
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         momentum = self.momentum_at(step)
         ema_update(self.teacher, self.student, momentum)
+        for module in self.children():  # the losses' centers: every micro-batch of this step
+            if isinstance(module, EMACenterMixin):
+                module.apply_center_update()
         self.log_dict(
             {"schedule/lr": self.lr_at(step), "schedule/wd": self.wd_at(step), "schedule/momentum": momentum,
              "schedule/teacher_temp": self.teacher_temp_at(step)},
             on_step=True, on_epoch=False,
         )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning calls this after backward (and unscaling) and before the optimizer step.
+        self.clip_gradients_as_in_paper()
 
     def on_train_epoch_start(self) -> None:
         self.teacher.eval()  # Lightning puts the whole module in train mode; the teacher never is

@@ -1,5 +1,5 @@
-"""Two real CPU processes (gloo): Sinkhorn-Knopp and the centers over processes equal one
-process holding the concatenated batch.
+"""Two real CPU processes (gloo): Sinkhorn-Knopp and the DINO center over processes equal one
+process holding the concatenated batch; the iBOT center averages the per-process means.
 
 One spawn runs every scenario (torch import in the children dominates the cost); the
 individual tests then assert on the saved results.
@@ -59,6 +59,23 @@ def _worker(rank, init_file, in_path, out_dir):
         ibot.center.copy_(inp["center0"])
         ibot.update_center(inp["tokens"][rank])
         out["ibot_center"] = ibot.center.clone()
+        token_weighted = IBOTPatchLoss(K, center_reduction="sample_mean")
+        token_weighted.center.copy_(inp["center0"])
+        token_weighted.update_center(inp["tokens"][rank])
+        out["ibot_center_sample_mean"] = token_weighted.center.clone()
+        # Gradient accumulation: the tokens arrive in two micro-batches, one update per step.
+        split = IBOTPatchLoss(K)
+        split.center.copy_(inp["center0"])
+        for part in inp["tokens"][rank].chunk(2):
+            split.accumulate_center(part)
+        out["ibot_center_accumulated"] = split.center.clone()
+        split.apply_center_update()
+        out["ibot_center_after_apply"] = split.center.clone()
+        # A process without masked tokens this step is left out of the average.
+        lonely = IBOTPatchLoss(K)
+        lonely.center.copy_(inp["center0"])
+        lonely.update_center(inp["tokens"][rank] if rank == 0 else torch.zeros(0, K))
+        out["ibot_center_one_empty"] = lonely.center.clone()
         torch.save(out, f"{out_dir}/out_{rank}.pt")
         dist.barrier()
     finally:
@@ -144,8 +161,37 @@ def test_dino_center_is_the_global_mean_with_unequal_batches(two_process_results
     assert (wrong - expected).abs().max().item() > 1e-3
 
 
-def test_ibot_center_is_the_mean_over_all_masked_tokens(two_process_results):
+def _naive_mean(rows):
+    return [sum(r[k] for r in rows) / len(rows) for k in range(len(rows[0]))]
+
+
+def test_ibot_center_is_the_average_of_per_process_means(two_process_results):
+    """DINOv2's rule: each process averages its own masked tokens (5 and 9 here), the batch center
+    is the plain mean of those two means; not the mean over all 14 tokens."""
     inputs, outs = two_process_results
-    expected = ref.center_ema(ref.to_lists(inputs["center0"])[0], [ref.to_lists(t) for t in inputs["tokens"]], 0.9)
+    c0 = ref.to_lists(inputs["center0"])[0]
+    means = [_naive_mean(ref.to_lists(t)) for t in inputs["tokens"]]
+    batch_center = [(means[0][k] + means[1][k]) / 2 for k in range(K)]
+    expected = torch.tensor([[0.9 * c0[k] + 0.1 * batch_center[k] for k in range(K)]])
+    token_weighted = torch.tensor([ref.center_ema(c0, [ref.to_lists(t) for t in inputs["tokens"]], 0.9)])
+    assert (expected - token_weighted).abs().max().item() > 1e-3  # the two rules differ on these inputs
     for o in outs:
-        torch.testing.assert_close(o["ibot_center"], torch.tensor([expected], dtype=torch.float32))
+        torch.testing.assert_close(o["ibot_center"], expected)
+        # the token-weighted mean stays available as an option
+        torch.testing.assert_close(o["ibot_center_sample_mean"], token_weighted)
+
+
+def test_ibot_center_accumulates_micro_batches_into_one_update(two_process_results):
+    inputs, outs = two_process_results
+    for o in outs:
+        assert torch.equal(o["ibot_center_accumulated"], inputs["center0"])  # nothing applied yet
+        torch.testing.assert_close(o["ibot_center_after_apply"], o["ibot_center"])
+
+
+def test_ibot_center_leaves_out_a_process_without_masked_tokens(two_process_results):
+    inputs, outs = two_process_results
+    c0 = ref.to_lists(inputs["center0"])[0]
+    mean0 = _naive_mean(ref.to_lists(inputs["tokens"][0]))
+    expected = torch.tensor([[0.9 * c0[k] + 0.1 * mean0[k] for k in range(K)]])
+    for o in outs:
+        torch.testing.assert_close(o["ibot_center_one_empty"], expected)

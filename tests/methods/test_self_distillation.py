@@ -13,33 +13,33 @@ METHODS = ["dino", "dinov2"]
 
 
 class TeacherWatch(L.Callback):
-    """Snapshots around each step: callbacks' on_train_batch_end runs before the module's, so
-    it sees the student after the optimizer step and the teacher before its EMA update."""
+    """Snapshots around each step: the teacher when the batch starts (before this step's EMA
+    update) and student and teacher when it ends (after the optimizer step and the EMA update,
+    which the module does in its optimizer_step, before any callback sees the step)."""
 
     def __init__(self):
         self.records = []  # (step, teacher_before, student_after, teacher_after)
-        self._pending = None
+        self._teacher_before = None
 
     @staticmethod
     def params(module):
         return {n: p.detach().clone() for n, p in module.named_parameters()}
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self._pending = (trainer.global_step - 1, self.params(pl_module.teacher), self.params(pl_module.student))
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self._pending is not None:
-            self.records.append((*self._pending, self.params(pl_module.teacher)))
-            self._pending = None
+        self._teacher_before = self.params(pl_module.teacher)
         for p in pl_module.teacher.parameters():
             assert not p.requires_grad and p.grad is None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.records.append((trainer.global_step - 1, self._teacher_before, self.params(pl_module.student),
+                             self.params(pl_module.teacher)))
 
 
 @pytest.mark.parametrize("name", METHODS)
 def test_teacher_follows_the_ema_rule_and_never_gets_gradients(name):
     watch = TeacherWatch()
     _, _, method, _ = fit([f"method={name}", "method.momentum_teacher=0.9"], max_steps=4, callbacks=[watch])
-    assert len(watch.records) == 3
+    assert len(watch.records) == 4
     for step, teacher_before, student_after, teacher_after in watch.records:
         m = method.momentum_at(step)
         assert 0.9 <= m < 1.0

@@ -24,9 +24,11 @@ def compose_train(overrides: list[str]):
 
 
 def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0, accelerator: str = "cpu",
-        precision: str = "32"):
+        precision: str = "32", **trainer_kwargs):
     """Train with the real builders; returns (cfg, datamodule, method, trainer). Bit-for-bit
-    deterministic on the CPU in fp32 (the default); on CUDA, as fast as cuDNN allows."""
+    deterministic on the CPU in fp32 (the default); on CUDA, as fast as cuDNN allows.
+    ``trainer_kwargs`` go to the Trainer (e.g. ``accumulate_grad_batches``; give the same value
+    as an override, ``+trainer.accumulate_grad_batches=N``, so that the method plans for it)."""
     cfg = compose_train(TINY + [f"trainer.max_steps={max_steps}", f"seed={seed}"] + list(overrides))
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
@@ -36,6 +38,7 @@ def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0, accel
     method = build_method(cfg, datamodule)
     trainer = L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, accelerator=accelerator,
-                        precision=precision, callbacks=list(callbacks), deterministic=accelerator == "cpu")
+                        precision=precision, callbacks=list(callbacks), deterministic=accelerator == "cpu",
+                        **trainer_kwargs)
     trainer.fit(method, datamodule=datamodule)
     return cfg, datamodule, method, trainer
