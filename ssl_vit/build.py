@@ -17,6 +17,7 @@ from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.datamodule import SSLDataModule, default_normalization
 from ssl_vit.data.masking import BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
+from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
 from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
@@ -186,30 +187,26 @@ def resolved_world_size(cfg: DictConfig, trainer: L.Trainer) -> int:
 
 def build_logger(cfg: DictConfig, out_dir: Path):
     if cfg.logger.name == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(out_dir), name="logs", version="")
+        return ResumableCSVLogger(save_dir=str(out_dir), name="logs", version="")
     from lightning.pytorch.loggers import WandbLogger
 
-    # Keep one wandb run per output folder: a resumed run appends to the same wandb run.
-    id_file = out_dir / "wandb_run_id.txt"
-    if id_file.exists():
-        run_id = id_file.read_text().strip()
-    else:
-        import wandb.util
-
-        run_id = wandb.util.generate_id()
-        id_file.write_text(run_id)
-    return WandbLogger(save_dir=str(out_dir), project=cfg.logger.project, mode=cfg.logger.mode, id=run_id,
-                       resume="allow")
+    # One wandb run per output folder: a resumed run appends to the same wandb run.
+    return WandbLogger(save_dir=str(out_dir), project=cfg.logger.project, mode=cfg.logger.mode,
+                       id=wandb_run_id(out_dir), resume="allow")
 
 
-def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule) -> L.Trainer:
+def knn_requested(cfg: DictConfig) -> bool:
+    """Whether the run evaluates k-NN during training or at its end."""
+    return bool(cfg.eval.knn_every_n_steps) or bool(cfg.eval.final_knn)
+
+
+def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn: bool = True) -> L.Trainer:
+    """The Trainer of ``cfg``; ``knn=False`` leaves the k-NN monitor out (data without labels)."""
     ckpt_dir = out_dir / "checkpoints"
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
     if cfg.trainer.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
-    if cfg.eval.knn_every_n_steps:
+    if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))
     trainer_args = to_dict(cfg.trainer)

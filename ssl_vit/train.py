@@ -1,13 +1,16 @@
 """python -m ssl_vit.train [overrides]: self-supervised pretraining (Hydra entry point).
 
 All outputs go to the Hydra run folder DIR: checkpoints/last.ckpt (resumed automatically when
-the same DIR is used again), logs/, and metrics.json: the final k-NN figures and fit_seconds, the
+the same DIR is used again), logs/ (continued, not restarted, by a resumed run), and metrics.json:
+the final k-NN figures (null, with the reason, for images without labels) and fit_seconds, the
 training time of this invocation (without start-up and final k-NN; a resumed run counts anew).
+On SIGTERM (preemption) the run writes its checkpoint and exits with code 143.
 """
 from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,15 +19,19 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ssl_vit.build import (
-    build_datamodule, build_method, build_trainer, resolved_world_size, resume_path, validate,
+    build_datamodule, build_method, build_trainer, knn_requested, resolved_world_size, resume_path, validate,
 )
+from ssl_vit.callbacks import LastCheckpoint
 from ssl_vit.callbacks.knn import knn_accuracies
 from ssl_vit.config import build_backbone_from_config
 
 log = logging.getLogger("ssl_vit.train")
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
 
 
 def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch.device) -> dict[str, float]:
@@ -42,6 +49,10 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch
             "knn_query_size": len(query.dataset)}
 
 
+def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
+    return next(cb for cb in trainer.callbacks if isinstance(cb, LastCheckpoint))
+
+
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     validate(cfg)  # fail before any work starts
     with torch.device("meta"):  # checks the model config without allocating its weights
@@ -50,20 +61,50 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    trainer = build_trainer(cfg, out_dir, datamodule)
+    knn_skipped = datamodule.knn_unavailable_reason() if knn_requested(cfg) else None
+    if knn_skipped:
+        log.warning("k-NN evaluation is skipped: %s; training on all of them", knn_skipped)
+    elif knn_requested(cfg):
+        datamodule.check_knn_splits()  # an evaluation split too small fails now, not after training
+    trainer = build_trainer(cfg, out_dir, datamodule, knn=not knn_skipped)
     # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
     method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
     # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    try:
+        return train_and_evaluate(cfg, out_dir, datamodule, method, trainer, knn_skipped)
+    finally:
+        close_loggers(trainer)
+
+
+def close_loggers(trainer: L.Trainer) -> None:
+    """Finish the wandb run (the process may go on: tests, notebooks, a second run)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def train_and_evaluate(cfg: DictConfig, out_dir: Path, datamodule, method, trainer: L.Trainer,
+                       knn_skipped: str | None) -> dict[str, float]:
     fit_start = time.perf_counter()
-    trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+    try:
+        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+    except SIGTERMException:
+        # Lightning ends fit with exit code 0 on SIGTERM; a scheduler must see the run as stopped.
+        saved = last_checkpoint(trainer)
+        if trainer.is_global_zero:
+            print(f"stopped by SIGTERM at step {saved.saved_step}: wrote {saved.path}; exiting with code "
+                  f"{SIGTERM_EXIT_CODE} (start the same command again to resume)", flush=True)
+        sys.exit(SIGTERM_EXIT_CODE)
     # Training time without start-up or the final k-NN: what a wall-clock budget should count.
     fit_seconds = round(time.perf_counter() - fit_start, 1)
 
     metrics: dict[str, float] = {"global_step": trainer.global_step, "fit_seconds": fit_seconds}
     if not trainer.is_global_zero:
         return metrics
-    if cfg.eval.final_knn:
+    if knn_skipped:
+        metrics.update({"knn_top1": None, "knn_top1_random_init": None, "knn_skipped_reason": knn_skipped})
+    elif cfg.eval.final_knn:
         metrics.update(final_knn(cfg, method, datamodule, str(trainer.precision), trainer.strategy.root_device))
         print(f"knn_top1={metrics['knn_top1']:.4f} (k=20; queries: the {metrics['knn_query_size']} validation "
               f"images, bank: {metrics['knn_bank_size']} training images)")

@@ -19,6 +19,11 @@ class LastCheckpoint(OptimizerStepCallback):
         self.every_n_steps = every_n_steps
         self._saved_step = -1
 
+    @property
+    def saved_step(self) -> int:
+        """The optimizer step of the checkpoint written last by this process (-1: none yet)."""
+        return self._saved_step
+
     def save(self, trainer: L.Trainer) -> None:
         if trainer.global_step == self._saved_step:
             return

@@ -296,6 +296,30 @@ class SSLDataModule(L.LightningDataModule):
             )
         return loaders[0], loaders[1]
 
+    def knn_unavailable_reason(self) -> str | None:
+        """Why k-NN evaluation cannot run on these data (None when it can): an image folder
+        whose images are not all in class subfolders has no labels to evaluate with."""
+        if self.dataset_name != "imagefolder":
+            return None
+        base = self.get_dataset("trainval")
+        if getattr(base, "labelled", True):
+            return None
+        targets = get_targets(base)
+        if not getattr(base, "classes", None):
+            return f"the {len(targets)} images under data.root={self.root!r} have no class labels (no class subfolders)"
+        outside = sum(t < 0 for t in targets)
+        return (f"{outside} of the {len(targets)} images under data.root={self.root!r} lie outside the class "
+                "subfolders and have no label")
+
+    def check_knn_splits(self) -> None:
+        """Build the k-NN splits now, so that a validation split too small to evaluate fails
+        before training rather than after it."""
+        query = self.get_dataset("val")
+        if len(query) == 0:
+            raise ValueError(f"the validation split of data set {self.dataset_name!r} is empty: set data.val_size "
+                             "(or data.val_root)")
+        self.get_dataset("train")
+
     # -- metadata -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """Preprocessing and data identity, JSON-serialisable, for checkpoints and exports."""

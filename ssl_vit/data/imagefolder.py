@@ -278,7 +278,8 @@ def build_imagefolder_splits(
     - ``trainval``: every readable image under ``root``.
     - ``train`` / ``val``: with ``val_root``, all of ``root`` / all of ``val_root``; otherwise a
       stratified carve-out of ``val_size`` images (default: 10% of the images, at most 5,000)
-      from ``root`` with a fixed seed, and the rest.
+      from ``root`` with a fixed seed, and the rest. When ``root`` is not fully labelled (no
+      class subfolders, or images beside them), ``train`` is all of it and ``val`` an error.
     - ``test``: all of ``test_root`` (an error if it is not set).
 
     Options: ``val_root``, ``test_root``, ``extensions``, ``verify`` (see :class:`ImageFolderDataset`).
@@ -310,6 +311,16 @@ def build_imagefolder_splits(
             out[split] = get_base() if split == "train" else ImageFolderDataset(
                 val_root, setting="data.val_root", **options
             )
+        elif not get_base().labelled:
+            # Unlabelled images (the usual self-supervised case): nothing to evaluate k-NN on, so
+            # no validation carve-out; training uses every image.
+            full = get_base()
+            if split == "val":
+                raise ValueError(
+                    f"the images under data.root={full.root!r} have no class labels, so there is no "
+                    "validation split to evaluate on (put them in one subfolder per class, or set data.val_root)"
+                )
+            out[split] = full
         else:
             full = get_base()
             n = len(full)
@@ -320,8 +331,10 @@ def build_imagefolder_splits(
             train_idx, val_idx = split_indices(full.targets, n_val, seed=seed, stratified=True)
             if split == "val" and not val_idx:
                 raise ValueError(
-                    f"the validation carve-out of data.root={full.root!r} is empty ({n} images): "
-                    "set data.val_size or data.val_root"
+                    f"the validation carve-out of data.root={full.root!r} is empty ({n} images, "
+                    f"data.val_size={val_size!r}{' (10%, rounded down)' if val_size is None else ''}): "
+                    "set data.val_size to 1 or more images or data.val_root, or turn k-NN evaluation off "
+                    "(eval.knn_every_n_steps=0 eval.final_knn=false)"
                 )
             out[split] = LabelledSubset(full, train_idx if split == "train" else val_idx)
     return out

@@ -83,3 +83,44 @@ def test_bad_input_fails_before_training(make_root, overrides, match, messy_fold
     with pytest.raises(ValueError, match=match):
         run(cfg, out)
     assert not (out / "checkpoints").exists()  # nothing started
+
+
+def _flat_folder(root, n):
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"img_{i:02d}.png").write_bytes(_image(200 + i, "PNG"))
+    return root
+
+
+def test_unlabelled_folder_trains_on_every_image_and_skips_knn(tmp_path, caplog):
+    """The normal self-supervised case: images with no class subfolders. 24 images, batch 4:
+    6 steps per epoch on all of them (a 10% carve-out would leave 22: 5 steps)."""
+    root = _flat_folder(tmp_path / "flat", 24)
+    cfg = compose_train(FOLDER_RUN + [f"data.root={root}", "data.val_size=null", "eval.knn_every_n_steps=1",
+                                      "trainer.max_steps=-1", "trainer.max_epochs=1"])
+    with caplog.at_level(logging.WARNING, logger="ssl_vit.train"):
+        metrics = run(cfg, tmp_path / "run")
+    assert metrics["global_step"] == 6
+    notices = [r.getMessage() for r in caplog.records if "k-NN evaluation is skipped" in r.getMessage()]
+    assert len(notices) == 1 and "have no class labels" in notices[0]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["knn_top1"] is None and "no class labels" in saved["knn_skipped_reason"]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_labelled_folder_too_small_to_evaluate_fails_before_training(tmp_path):
+    root = tmp_path / "nine"
+    for i in range(9):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i}.png").write_bytes(_image(300 + i, "PNG"))
+    cfg = compose_train(FOLDER_RUN + [f"data.root={root}", "data.val_size=null", "data.batch_size=8"])
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"validation carve-out .* is empty \(9 images, data.val_size=None "
+                                         r"\(10%, rounded down\)\): set data.val_size"):
+        run(cfg, out)
+    assert not (out / "checkpoints").exists()
+    # With k-NN turned off the same folder trains (8 of its 9 images form the one batch).
+    cfg = compose_train(FOLDER_RUN + [f"data.root={root}", "data.val_size=null", "data.batch_size=8",
+                                      "eval.final_knn=false", "trainer.max_steps=1"])
+    assert run(cfg, out)["global_step"] == 1
