@@ -18,7 +18,6 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ssl_vit.build import build_datamodule, build_method, validate
-from ssl_vit.methods.ema import ema_update
 from ssl_vit.methods.param_groups import apply_lr_wd
 from ssl_vit.precision import resolve_precision
 
@@ -58,7 +57,7 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
         method.clip_gradients_as_in_paper()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        ema_update(method.teacher, method.student, method.momentum_at(0))
+        method.update_teacher_and_centers(0)
 
     def sync() -> None:
         if device.type == "cuda":

@@ -133,16 +133,23 @@ class SelfDistillationMethod(L.LightningModule):
             freeze_last_layer=self.freeze_last_layer_by_lr and self.last_layer_frozen(step),
         )
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        momentum = self.momentum_at(step)
-        ema_update(self.teacher, self.student, momentum)
-        for module in self.children():  # the losses' centers: every micro-batch of this step
-            if isinstance(module, EMACenterMixin):
-                module.apply_center_update()
+        momentum = self.update_teacher_and_centers(step)
         self.log_dict(
             {"schedule/lr": self.lr_at(step), "schedule/wd": self.wd_at(step), "schedule/momentum": momentum,
              "schedule/teacher_temp": self.teacher_temp_at(step)},
             on_step=True, on_epoch=False,
         )
+
+    @torch.no_grad()
+    def update_teacher_and_centers(self, step: int) -> float:
+        """After optimizer step ``step``: the EMA teacher update (returns its momentum) and the
+        loss centers' update over every micro-batch of the step."""
+        momentum = self.momentum_at(step)
+        ema_update(self.teacher, self.student, momentum)
+        for module in self.children():
+            if isinstance(module, EMACenterMixin):
+                module.apply_center_update()
+        return momentum
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning calls this after backward (and unscaling) and before the optimizer step.
