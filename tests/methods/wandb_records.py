@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -41,9 +42,9 @@ def read_records(path: Path) -> list[wandb_internal_pb2.Record]:
 
 
 def history_rows(path: Path) -> list[dict]:
-    """Every ``wandb.log`` row of the run file, as ``{key: value}``."""
+    """Every ``wandb.log`` row of the (finished) run file, as ``{key: value}``."""
     rows = []
-    for record in read_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
                          for item in record.history.item})
@@ -51,7 +52,23 @@ def history_rows(path: Path) -> list[dict]:
 
 
 def run_id(path: Path) -> str:
-    for record in read_records(path):
+    for record in finished_records(path):
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
     raise ValueError(f"{path} holds no run record")
+
+
+def finished_records(path: Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records once the run file ends with the ``exit`` record that ``finish()`` writes:
+    wandb's writer (a separate process) may still be flushing when ``finish()`` returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_records(path)
+        except (ValueError, struct.error):  # not even the header written yet
+            records = []
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return records
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path}: no exit record after {timeout_s:.0f} s (the run did not finish)")
+        time.sleep(0.2)
