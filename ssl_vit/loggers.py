@@ -15,7 +15,6 @@ import secrets
 import string
 from pathlib import Path
 
-from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
@@ -24,14 +23,11 @@ class _ResumableWriter(ExperimentWriter):
     """Lightning's CSV writer, minus the deletion of an existing ``metrics.csv``."""
 
     def __init__(self, log_dir: str) -> None:
-        self.metrics = []
-        self.metrics_keys = []
-        self.hparams = {}
-        self.log_dir = log_dir
-        self.metrics_file_path = str(Path(log_dir) / self.NAME_METRICS_FILE)
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self._fs = get_filesystem(log_dir)
+        super().__init__(log_dir)
         self._resumed = False
+
+    def _check_log_dir_exists(self) -> None:
+        """Lightning deletes an existing metrics.csv here; a resumed run continues it instead."""
 
     def log_metrics(self, metrics_dict, step=None) -> None:
         if not self._resumed:
