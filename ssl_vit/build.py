@@ -29,6 +29,7 @@ def validate(cfg: DictConfig) -> None:
     """Checks that need several groups at once; each group's own checks run when it is built."""
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not implemented; available: {sorted(METHODS)}")
+    METHODS[cfg.method.name].validate_config(cfg)  # the method's own keys
     patch = cfg.model.patch_size
     for key in ("global_size", "local_size"):
         size = cfg.method.crops[key]

@@ -43,7 +43,7 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch
     dtype = torch.bfloat16 if "bf16" in precision else None
     L.seed_everything(cfg.seed, verbose=False)
     random_init = build_backbone_from_config(cfg.model).to(device)
-    trained, baseline = knn_accuracies([method.teacher_backbone().to(device), random_init], bank, query, device,
+    trained, baseline = knn_accuracies([method.evaluation_backbone().to(device), random_init], bank, query, device,
                                        autocast_dtype=dtype, progress=True)
     return {"knn_top1": trained, "knn_top1_random_init": baseline, "knn_bank_size": len(bank.dataset),
             "knn_query_size": len(query.dataset)}

@@ -30,7 +30,7 @@ def knn_accuracies(backbones: Sequence[torch.nn.Module], bank_loader, query_load
 
 class KNNMonitor(OptimizerStepCallback):
     """Every ``every_n_steps`` optimizer steps, logs ``knn_top1`` (k=20, T=0.07, cosine) of the
-    module's ``teacher_backbone()`` on a fixed, stratified subset of the validation split.
+    module's ``evaluation_backbone()`` on a fixed, stratified subset of the validation split.
     ``skip_last_step``: not at the run's last step (a full evaluation follows the run anyway)."""
 
     def __init__(self, datamodule, every_n_steps: int = 100, max_train: int | None = 10000,
@@ -47,7 +47,7 @@ class KNNMonitor(OptimizerStepCallback):
         if self._loaders is None:
             self._loaders = self.datamodule.knn_dataloaders("val", max_train=self.max_train, max_eval=self.max_eval)
         bf16 = "bf16" in str(trainer.precision)
-        accuracy = knn_accuracy(pl_module.teacher_backbone(), *self._loaders, pl_module.device, self.k,
+        accuracy = knn_accuracy(pl_module.evaluation_backbone(), *self._loaders, pl_module.device, self.k,
                                 self.temperature, torch.bfloat16 if bf16 else None)
         pl_module.log("knn_top1", accuracy, prog_bar=True, on_step=True, on_epoch=False)
         return accuracy

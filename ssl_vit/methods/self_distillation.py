@@ -199,5 +199,11 @@ class SelfDistillationMethod(L.LightningModule):
             "preprocessing": dict(self.preprocessing),
         }
 
-    def teacher_backbone(self) -> nn.Module:
+    def evaluation_backbone(self) -> nn.Module:
+        """The backbone k-NN monitors and ``load_backbone`` use: the EMA teacher's."""
         return self.teacher.backbone
+
+    @classmethod
+    def validate_config(cls, cfg) -> None:
+        """Checks of this method's keys that need the whole config (``build.validate`` calls it
+        before any work starts); errors name the key and what is allowed."""

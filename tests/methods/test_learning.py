@@ -74,13 +74,13 @@ def assert_learns(record: LossAndEntropy, datamodule, method):
                                        min_image_dependence=0.02)
     # The teacher's features got better than its random init (same weights the run started from).
     bank, query = datamodule.knn_dataloaders("val", num_workers=0)
-    trained, start = knn_accuracies([method.teacher_backbone(), method.initial_backbone], bank, query, "cpu")
+    trained, start = knn_accuracies([method.evaluation_backbone(), method.initial_backbone], bank, query, "cpu")
     assert trained > start + 0.03, f"k-NN top-1 {trained:.3f} vs {start:.3f} at init"
 
 
 class KeepInitialBackbone(L.Callback):
     def on_train_start(self, trainer, pl_module):
-        pl_module.initial_backbone = copy.deepcopy(pl_module.teacher_backbone())
+        pl_module.initial_backbone = copy.deepcopy(pl_module.evaluation_backbone())
         pl_module.initial_student_backbone = copy.deepcopy(pl_module.student.backbone)
 
 
