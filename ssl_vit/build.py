@@ -12,9 +12,11 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, ListConfig
 
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint
+from ssl_vit.callbacks.reconstruction import ReconstructionPictures
 from ssl_vit.config import backbone_arch, to_dict
 from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.datamodule import SSLDataModule, default_normalization
+from ssl_vit.data.mae_transform import SingleViewTransform
 from ssl_vit.data.masking import BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
@@ -23,6 +25,7 @@ from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
 
 LOGGERS = ("csv", "wandb")
+SINGLE_VIEW_AUGMENTATION = "mae"  # method.crops.augmentation of MAE's one-view pipeline
 
 
 def validate(cfg: DictConfig) -> None:
@@ -32,9 +35,9 @@ def validate(cfg: DictConfig) -> None:
     METHODS[cfg.method.name].validate_config(cfg)  # the method's own keys
     patch = cfg.model.patch_size
     for key in ("global_size", "local_size"):
-        size = cfg.method.crops[key]
-        if key == "local_size" and cfg.method.crops.n_local == 0:
+        if key == "local_size" and cfg.method.crops.get("n_local", 0) == 0:
             continue
+        size = cfg.method.crops[key]
         if not isinstance(size, int) or size < patch or size % patch:
             raise ValueError(
                 f"method.crops.{key}={size} is not a multiple of model.patch_size={patch}; "
@@ -55,9 +58,12 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError("set trainer.max_steps (or trainer.max_epochs): schedules need a planned run length")
 
 
-def build_datamodule(cfg: DictConfig) -> SSLDataModule:
-    data, crops = cfg.data, cfg.method.crops
-    mean, std = default_normalization(data.name)
+def build_train_transform_and_collate(cfg: DictConfig, mean, std):
+    """The training augmentation of ``method.crops`` and its batching: MAE's single view with
+    the default collate, or the multi-crop views with iBOT's block masks (DINO, DINOv2)."""
+    crops = cfg.method.crops
+    if crops.augmentation == SINGLE_VIEW_AUGMENTATION:
+        return SingleViewTransform(crops.global_size, tuple(crops.global_scale), mean=mean, std=std), None
     transform = MultiCropTransform(
         crops.global_size, crops.local_size, crops.n_local, tuple(crops.global_scale), tuple(crops.local_scale),
         mean=mean, std=std, preset=crops.augmentation,
@@ -70,6 +76,13 @@ def build_datamodule(cfg: DictConfig) -> SSLDataModule:
         mask_probability=ibot.mask_probability if ibot else 0.0,
         seed=cfg.seed,
     )
+    return transform, collate
+
+
+def build_datamodule(cfg: DictConfig) -> SSLDataModule:
+    data, crops = cfg.data, cfg.method.crops
+    mean, std = default_normalization(data.name)
+    transform, collate = build_train_transform_and_collate(cfg, mean, std)
     return SSLDataModule(
         dataset=data.name, root=data.root, batch_size=data.batch_size, num_workers=data.num_workers,
         train_transform=transform, collate_fn=collate, val_size=data.val_size, seed=cfg.seed,
@@ -207,6 +220,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
     if cfg.trainer.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    pictures = cfg.method.get("pictures")
+    if pictures is not None:  # MAE: original / masked / reconstruction of fixed validation images
+        callbacks.append(ReconstructionPictures(datamodule, out_dir, pictures.every_n_steps, pictures.num_images,
+                                                seed=cfg.seed))
     if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))

@@ -42,7 +42,10 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch
     bank, query = datamodule.knn_dataloaders("val", max_train=cfg.eval.get("final_knn_max_train"))
     dtype = torch.bfloat16 if "bf16" in precision else None
     L.seed_everything(cfg.seed, verbose=False)
-    random_init = build_backbone_from_config(cfg.model).to(device)
+    random_init = build_backbone_from_config(cfg.model)
+    if hasattr(method, "init_backbone"):  # a method with its own initialisation (MAE)
+        method.init_backbone(random_init)
+    random_init = random_init.to(device)
     trained, baseline = knn_accuracies([method.evaluation_backbone().to(device), random_init], bank, query, device,
                                        autocast_dtype=dtype, progress=True)
     return {"knn_top1": trained, "knn_top1_random_init": baseline, "knn_bank_size": len(bank.dataset),

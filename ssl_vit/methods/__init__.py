@@ -2,7 +2,8 @@
 schedules, parameter groups, EMA teacher and gradient clipping."""
 from ssl_vit.methods.dino import DINO
 from ssl_vit.methods.dinov2 import DINOv2
+from ssl_vit.methods.mae import MAE
 
-METHODS = {"dino": DINO, "dinov2": DINOv2}
+METHODS = {"dino": DINO, "dinov2": DINOv2, "mae": MAE}
 
-__all__ = ["DINO", "DINOv2", "METHODS"]
+__all__ = ["DINO", "DINOv2", "MAE", "METHODS"]

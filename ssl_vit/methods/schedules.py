@@ -38,7 +38,7 @@ Definitions followed (exactly those of the released code, not the "textbook" var
 
 Recipe helpers (:func:`lr_schedule`, :func:`weight_decay_schedule`, :func:`momentum_schedule`,
 :func:`teacher_temp_schedule`) just fill in the papers' defaults, and :func:`scaled_lr` applies
-the batch-size scaling rules.
+the batch-size scaling rules. :class:`HalfCycleCosineSchedule` is MAE's learning rate.
 """
 from __future__ import annotations
 
@@ -259,6 +259,43 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     raise ValueError(f"unknown lr scaling rule {rule!r}; use 'linear', 'sqrt' or 'none'")
 
 
+@dataclass(frozen=True)
+class HalfCycleCosineSchedule:
+    """MAE's ``util/lr_sched.adjust_learning_rate``, evaluated at fractional epochs
+    ``t = step / steps_per_epoch`` (the released code passes ``data_iter_step / len(loader) + epoch``)::
+
+        lr(t) = base * t / warmup_epochs                                        if t < warmup_epochs
+              = min + (base - min) * 0.5 * (1 + cos(pi * (t - warmup_epochs) / (epochs - warmup_epochs)))
+
+    with ``epochs = total_steps / steps_per_epoch``. Step 0 has lr 0, as in the paper's code.
+    """
+
+    base: float
+    final: float
+    warmup_epochs: float
+    total_steps: int
+    steps_per_epoch: int
+
+    def __post_init__(self) -> None:
+        if self.steps_per_epoch < 1 or self.total_steps < 1:
+            raise ValueError(f"steps_per_epoch={self.steps_per_epoch} and total_steps={self.total_steps} "
+                             "must be positive")
+        if not 0 <= self.warmup_epochs < self.total_steps / self.steps_per_epoch:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be >= 0 and shorter than the run "
+                             f"({self.total_steps / self.steps_per_epoch:g} epochs)")
+
+    def __call__(self, step: int) -> float:
+        t = _check_step(step) / self.steps_per_epoch
+        if t < self.warmup_epochs:
+            return self.base * t / self.warmup_epochs
+        epochs = self.total_steps / self.steps_per_epoch
+        progress = min(1.0, (t - self.warmup_epochs) / (epochs - self.warmup_epochs))
+        return self.final + (self.base - self.final) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def values(self) -> list[float]:
+        return [self(s) for s in range(self.total_steps)]
+
+
 def freeze_last_layer_active(step: int, freeze_steps: int) -> bool:
     """True while the head's last layer is frozen: the first ``freeze_steps`` optimizer steps
     (DINO / DINOv2: one epoch's worth).  DINO then drops its gradients; DINOv2 sets its lr to 0."""
@@ -268,6 +305,7 @@ def freeze_last_layer_active(step: int, freeze_steps: int) -> bool:
 __all__ = [
     "ConstantSchedule",
     "CosineSchedule",
+    "HalfCycleCosineSchedule",
     "LinearWarmupThenConstant",
     "PerEpoch",
     "TEACHER_TEMP_SCHEDULES",
