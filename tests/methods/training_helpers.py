@@ -24,12 +24,13 @@ def compose_train(overrides: list[str]):
 
 
 def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0, accelerator: str = "cpu",
-        precision: str = "32", **trainer_kwargs):
+        precision: str = "32", base: list[str] = TINY, **trainer_kwargs):
     """Train with the real builders; returns (cfg, datamodule, method, trainer). Bit-for-bit
     deterministic on the CPU in fp32 (the default); on CUDA, as fast as cuDNN allows.
     ``trainer_kwargs`` go to the Trainer (e.g. ``accumulate_grad_batches``; give the same value
-    as an override, ``+trainer.accumulate_grad_batches=N``, so that the method plans for it)."""
-    cfg = compose_train(TINY + [f"trainer.max_steps={max_steps}", f"seed={seed}"] + list(overrides))
+    as an override, ``+trainer.accumulate_grad_batches=N``, so that the method plans for it).
+    ``base``: the overrides the run starts from (the DINO-family TINY setting by default)."""
+    cfg = compose_train(list(base) + [f"trainer.max_steps={max_steps}", f"seed={seed}"] + list(overrides))
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
