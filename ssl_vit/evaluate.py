@@ -1,7 +1,8 @@
 """python -m ssl_vit.evaluate checkpoint=PATH [data=...] [split=val|test]: frozen-feature evaluation.
 
-The backbone's [CLS] embeddings of a bank (labelled training images) and of query images are
-extracted once; then
+The backbone's features (``features=cls``: the [CLS] token, the default; ``mean_patch``: the mean
+patch token, MAE's choice; ``cls_avgpool``: both concatenated, DINOv2's linear evaluation) of a
+bank (labelled training images) and of query images are extracted once; then
   * weighted k-NN (cosine, T=0.07, k = 10 / 20 / 200; :mod:`ssl_vit.evaluation.knn`), and
   * a linear probe (one ``nn.Linear``, trained with SGD on the bank's features, normalised by the
     bank's statistics; :mod:`ssl_vit.evaluation.linear_probe`), scored on the queries.
@@ -71,6 +72,9 @@ def validate(cfg: DictConfig) -> None:
     path = Path(str(cfg.checkpoint)).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint={cfg.checkpoint!r}: no such file ({path.resolve()})")
+    from ssl_vit.evaluation.features import check_features
+
+    check_features(str(cfg.features))
     if cfg.split not in SPLIT_CHOICES:
         raise ValueError(f"split={cfg.split!r}; allowed: {', '.join(SPLIT_CHOICES)}")
     if cfg.precision not in PRECISIONS:
@@ -224,6 +228,7 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
     import torch
 
     from ssl_vit import load_backbone
+    from ssl_vit.evaluation.features import BackboneFeatures
     from ssl_vit.evaluation.knn import knn_predict
     from ssl_vit.evaluation.linear_probe import linear_probe_top1, train_linear_probe
 
@@ -236,7 +241,7 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
                     checkpoint, resolved["dataset"])
     datamodule = build_eval_datamodule(resolved, cfg.batch_size)
     device = _device(str(cfg.device))
-    backbone = load_backbone(checkpoint).to(device)
+    backbone = BackboneFeatures(load_backbone(checkpoint), str(cfg.features)).to(device)
     log.info("backbone %s (embed_dim %d) on %s; data %s (%s), split=%s", checkpoint, backbone.embed_dim,
              device, resolved["dataset"], resolved["source"]["data"], cfg.split)
 
@@ -296,6 +301,7 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
         },
         "num_bank": int(bank_feats.shape[0]),
         "num_query": int(query_feats.shape[0]),
+        "features": str(cfg.features),
         "feature_dim": int(bank_feats.shape[1]),
         "num_classes": num_classes,
         "knn": {"ks": ks, "temperature": float(cfg.knn.temperature), "metric": "cosine", "weighting": "exp(s/T)"},

@@ -190,3 +190,26 @@ def test_data_selection_rules():
     r = resolve_data(empty, None, None)
     assert (r["dataset"], r["image_size"], r["mean"], r["std"]) == ("fashion_mnist", None, None, None)
     assert r["source"]["preprocessing"] == "data set defaults"
+
+
+@pytest.mark.parametrize("kind", ["mean_patch", "cls_avgpool"])
+def test_features_option_reads_mean_patch_or_cls_and_mean_patch(checkpoint, backbone, kind, tmp_path):
+    metrics = evaluate_here(tmp_path, f"checkpoint={checkpoint}", f"features={kind}", "linear.enabled=false", *FAST)
+    dm = SSLDataModule(dataset="synthetic", root=None, val_size=100, split_seed=0, image_size=32,
+                       mean=[0.5] * 3, std=[0.5] * 3, num_samples=200)
+    feats, labels = {}, {}
+    for split, loader in zip(("bank", "query"), dm.knn_dataloaders("val", batch_size=64)):
+        parts, ys = [], []
+        with torch.no_grad():
+            for images, y in loader:  # the patch tokens' mean, by hand; [CLS] first for cls_avgpool
+                out = backbone.forward_features(images)
+                mean = out["x_norm_patchtokens"].sum(1) / out["x_norm_patchtokens"].shape[1]
+                parts.append(mean if kind == "mean_patch" else torch.cat([out["x_norm_clstoken"], mean], 1))
+                ys.append(y)
+        feats[split], labels[split] = torch.cat(parts), torch.cat(ys)
+    assert metrics["features"] == kind
+    assert metrics["feature_dim"] == (192 if kind == "mean_patch" else 384)
+    expected = knn_top1(feats["bank"], labels["bank"], feats["query"], labels["query"], k=20)
+    assert metrics["knn_top1"] == pytest.approx(expected, abs=1e-6)
+    with pytest.raises(ValueError, match="features='pooled'; allowed: cls, mean_patch, cls_avgpool"):
+        evaluate_here(tmp_path, f"checkpoint={checkpoint}", "features=pooled")
