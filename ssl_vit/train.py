@@ -112,6 +112,11 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, datamodule, method, train
         print(f"knn_top1={metrics['knn_top1']:.4f} (k=20; queries: the {metrics['knn_query_size']} validation "
               f"images, bank: {metrics['knn_bank_size']} training images)")
         print(f"knn_top1_random_init={metrics['knn_top1_random_init']:.4f}")
+        if hasattr(method, "heldout_metrics"):  # a method's own figures on the validation split (MAE)
+            _, val_loader = datamodule.knn_dataloaders("val")
+            heldout = method.heldout_metrics(val_loader, trainer.strategy.root_device, seed=cfg.seed)
+            metrics.update(heldout)
+            print(" ".join(f"{key}={value:.4f}" for key, value in heldout.items()))
     # Counted in this process; DataLoader workers count the files they skip in their own copies.
     metrics["skipped_files"] = datamodule.num_skipped
     if metrics["skipped_files"]:

@@ -127,6 +127,15 @@ class MAE(L.LightningModule):
         self.log("loss", loss.detach(), on_step=True, prog_bar=True)
         return loss
 
+    def heldout_metrics(self, loader, device, seed: int = 0) -> dict[str, float]:
+        """Reconstruction loss on held-out images beside the trivial predictor's (train.py prints
+        them after the final k-NN, on the validation split)."""
+        from ssl_vit.evaluation.reconstruction import heldout_reconstruction
+
+        result = heldout_reconstruction(self.to(device), loader, seed=seed, device=device)
+        return {"heldout_mae_loss": result["mae_loss"], "heldout_trivial_loss": result["trivial_loss"],
+                "heldout_ratio_to_trivial": result["ratio_to_trivial"]}
+
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         groups = build_param_groups({"encoder": self.encoder, "decoder": self.decoder},

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_smoke_command_writes_a_checkpoint_load_backbone_reads_as_the_encoder(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssl_vit.train", "method=mae", "data=synthetic", "trainer.max_steps=6",
-           f"hydra.run.dir={out}", "eval.final_knn=false", "eval.knn_every_n_steps=0",
+           f"hydra.run.dir={out}", "eval.knn_every_n_steps=0",
            "method.pictures.every_n_steps=3", "+trainer.enable_progress_bar=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -41,6 +41,23 @@ def test_smoke_command_writes_a_checkpoint_load_backbone_reads_as_the_encoder(tm
     pictures = sorted((out / "pictures").glob("*.png"))
     assert [p.name for p in pictures] == ["reconstruction_step0000003.png", "reconstruction_step0000006.png"]
     assert Image.open(pictures[0]).size == (8 * 29 + 1, 4 * 29 + 1)
+    # After the final k-NN: the held-out reconstruction on the validation split, as
+    # heldout_reconstruction computes it for the checkpoint's model on the same images and masks.
+    import json
+
+    from ssl_vit.data.datamodule import SSLDataModule
+    from ssl_vit.methods import MAE
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    method = MAE.load_from_checkpoint(ckpt_path, map_location="cpu")
+    pre = ckpt["ssl_vit"]["preprocessing"]
+    datamodule = SSLDataModule(dataset="synthetic", val_size=pre["val_size"], image_size=pre["resolution"],
+                               mean=pre["mean"], std=pre["std"])
+    datamodule.setup("fit")
+    expected = heldout_reconstruction(method, datamodule.knn_dataloaders("val", num_workers=0)[1], seed=0)
+    assert metrics["heldout_mae_loss"] == pytest.approx(expected["mae_loss"], rel=1e-5)
+    assert metrics["heldout_ratio_to_trivial"] == pytest.approx(expected["ratio_to_trivial"], rel=1e-5)
+    assert f"heldout_ratio_to_trivial={metrics['heldout_ratio_to_trivial']:.4f}" in result.stdout
 
 
 def test_trivial_predictor_is_zero_or_each_images_mean_visible_pixel():
