@@ -179,6 +179,19 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
     return method
 
 
+def random_init_backbone(cfg: DictConfig):
+    """The backbone of ``cfg`` as its run started: built after seeding with ``cfg.seed`` and
+    initialised by the method's own rule where it has one (MAE), without outside weights."""
+    from ssl_vit.config import build_backbone_from_config
+
+    L.seed_everything(cfg.seed, verbose=False)
+    backbone = build_backbone_from_config(cfg.model)
+    init = getattr(METHODS.get(cfg.method.name), "init_backbone", None)
+    if init is not None:
+        init(backbone)
+    return backbone
+
+
 def resolved_world_size(cfg: DictConfig, trainer: L.Trainer) -> int:
     """The Trainer's number of processes, checked against the config and the launcher: torchrun
     and Lightning's own launcher set ``WORLD_SIZE``; under SLURM the Trainer reads the task count."""

@@ -24,7 +24,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from ssl_vit.build import (
-    build_datamodule, build_method, build_trainer, knn_requested, resolved_world_size, resume_path, validate,
+    build_datamodule, build_method, build_trainer, knn_requested, random_init_backbone, resolved_world_size,
+    resume_path, validate,
 )
 from ssl_vit.callbacks import LastCheckpoint
 from ssl_vit.callbacks.knn import knn_accuracies
@@ -41,11 +42,7 @@ def final_knn(cfg: DictConfig, method, datamodule, precision: str, device: torch
     ``device``: where training ran (Lightning moves the module back to the CPU when fit ends)."""
     bank, query = datamodule.knn_dataloaders("val", max_train=cfg.eval.get("final_knn_max_train"))
     dtype = torch.bfloat16 if "bf16" in precision else None
-    L.seed_everything(cfg.seed, verbose=False)
-    random_init = build_backbone_from_config(cfg.model)
-    if hasattr(method, "init_backbone"):  # a method with its own initialisation (MAE)
-        method.init_backbone(random_init)
-    random_init = random_init.to(device)
+    random_init = random_init_backbone(cfg).to(device)
     trained, baseline = knn_accuracies([method.evaluation_backbone().to(device), random_init], bank, query, device,
                                        autocast_dtype=dtype, progress=True)
     return {"knn_top1": trained, "knn_top1_random_init": baseline, "knn_bank_size": len(bank.dataset),

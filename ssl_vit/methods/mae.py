@@ -156,4 +156,5 @@ class MAE(L.LightningModule):
             "arch": dict(self.encoder.arch),
             "backbone_prefix": ENCODER_PREFIX,
             "preprocessing": dict(self.preprocessing),
+            "planned_steps": self.total_steps,
         }

@@ -14,7 +14,9 @@ The base owns everything the two papers share (fidelity.md, "Heads, optimisation
     backbone's location in the state dict and the preprocessing.
 
 Subclasses implement ``build_heads`` and ``training_step`` (the paper's algorithm box) and
-say how gradients are clipped and how the last layer is frozen.
+say how gradients are clipped and how the last layer is frozen. Distillation keeps the loop but
+not the roles: its teacher is frozen and pretrained, and the EMA copy of the student (named by
+``ema_attribute``) is its final model; it overrides ``build_student`` to load that teacher first.
 """
 from __future__ import annotations
 
@@ -39,8 +41,9 @@ from ssl_vit.methods.schedules import (
     weight_decay_schedule,
 )
 from ssl_vit.models import build_backbone
+from ssl_vit.models.heads import DINOHead
 
-# Where the backbone that `ssl_vit.load_backbone` returns lives in a training checkpoint.
+# Where the backbone that `ssl_vit.load_backbone` returns lives in a DINO / DINOv2 checkpoint.
 TEACHER_BACKBONE_PREFIX = "teacher.backbone."
 
 
@@ -51,6 +54,11 @@ class SelfDistillationMethod(L.LightningModule):
     # Used when the method config has no ``teacher_temp_schedule`` key (tools that build a method
     # from older dicts); DINO warms its teacher temperature up per epoch, DINOv2 per step.
     default_teacher_temp_schedule = "per_step"
+    # The EMA copy of the student, updated after every optimizer step: DINO's and DINOv2's
+    # teacher. It is the model k-NN monitors, checkpoints and exports evaluate.
+    ema_attribute = "teacher"
+    # The method key of the EMA momentum's start value (cosine to 1 over the run).
+    ema_momentum_key = "momentum_teacher"
 
     def __init__(
         self,
@@ -68,9 +76,8 @@ class SelfDistillationMethod(L.LightningModule):
         self.optim_cfg = optim
         self.preprocessing = preprocessing or {}
 
-        backbone = build_backbone(arch)
-        self.student = nn.ModuleDict({"backbone": backbone, **self.build_heads(backbone.embed_dim)})
-        self.teacher = copy_student_to_teacher(self.student)
+        self.student = self.build_student(arch)
+        setattr(self, self.ema_attribute, copy_student_to_teacher(self.student))
 
         def steps(epochs: float) -> int:
             # A warm-up longer than a (short) run is cut to the run: the schedule still ends.
@@ -84,7 +91,7 @@ class SelfDistillationMethod(L.LightningModule):
         self.base_lr = scaled_lr(optim["lr"], global_batch_size, optim["lr_scaling"])
         self.lr_at = lr_schedule(self.base_lr, total_steps, steps(optim["warmup_epochs"]), optim["min_lr"])
         self.wd_at = weight_decay_schedule(total_steps, optim["weight_decay"], optim["weight_decay_end"])
-        self.momentum_at = momentum_schedule(total_steps, method["momentum_teacher"], 1.0)
+        self.momentum_at = momentum_schedule(total_steps, method[self.ema_momentum_key], 1.0)
         self.teacher_temp_at = teacher_temp_schedule_for(
             method.get("teacher_temp_schedule", self.default_teacher_temp_schedule),
             method["warmup_teacher_temp_epochs"], method["warmup_teacher_temp"], method["teacher_temp"],
@@ -92,12 +99,21 @@ class SelfDistillationMethod(L.LightningModule):
         )
         self.freeze_last_layer_steps = steps(method["freeze_last_layer_epochs"])
 
+    @property
+    def ema_copy(self) -> nn.ModuleDict:
+        """The EMA copy of the student (backbone and heads)."""
+        return getattr(self, self.ema_attribute)
+
     def load_backbone_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Start student and teacher backbones from the same weights (``model.init``)."""
+        """Start the student's backbone and its EMA copy from the same weights (``model.init``)."""
         self.student.backbone.load_state_dict(state_dict)
-        self.teacher.backbone.load_state_dict(state_dict)
+        self.ema_copy.backbone.load_state_dict(state_dict)
 
     # ------------------------------------------------------------------ to implement
+    def build_student(self, arch: dict[str, Any]) -> nn.ModuleDict:
+        """The trained model: a backbone and this method's heads."""
+        backbone = build_backbone(arch)
+        return nn.ModuleDict({"backbone": backbone, **self.build_heads(backbone.embed_dim)})
 
     def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         raise NotImplementedError
@@ -145,7 +161,7 @@ class SelfDistillationMethod(L.LightningModule):
         """After optimizer step ``step``: the EMA teacher update (returns its momentum) and the
         loss centers' update over every micro-batch of the step."""
         momentum = self.momentum_at(step)
-        ema_update(self.teacher, self.student, momentum)
+        ema_update(self.ema_copy, self.student, momentum)
         for module in self.children():
             if isinstance(module, EMACenterMixin):
                 module.apply_center_update()
@@ -156,7 +172,7 @@ class SelfDistillationMethod(L.LightningModule):
         self.clip_gradients_as_in_paper()
 
     def on_train_epoch_start(self) -> None:
-        self.teacher.eval()  # Lightning puts the whole module in train mode; the teacher never is
+        self.ema_copy.eval()  # Lightning puts the whole module in train mode; the EMA copy never is
 
     # ------------------------------------------------------------------ step helpers
     def checked_total(self, weighted_terms: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -195,13 +211,18 @@ class SelfDistillationMethod(L.LightningModule):
         checkpoint["ssl_vit"] = {
             "method": self.name,
             "arch": dict(self.student.backbone.arch),
-            "backbone_prefix": TEACHER_BACKBONE_PREFIX,
+            "backbone_prefix": f"{self.ema_attribute}.backbone.",
             "preprocessing": dict(self.preprocessing),
+            "planned_steps": self.total_steps,
+            # The EMA copy's heads, so that a later distillation can use this model as its teacher.
+            "heads": {"prefix": f"{self.ema_attribute}.",
+                      "specs": {name: module.spec() for name, module in self.ema_copy.items()
+                                if isinstance(module, DINOHead)}},
         }
 
     def evaluation_backbone(self) -> nn.Module:
-        """The backbone k-NN monitors and ``load_backbone`` use: the EMA teacher's."""
-        return self.teacher.backbone
+        """The backbone k-NN monitors and ``load_backbone`` use: the EMA copy's."""
+        return self.ema_copy.backbone
 
     @classmethod
     def validate_config(cls, cfg) -> None:

@@ -106,6 +106,7 @@ class DINOHead(nn.Module):
         nlayers = max(int(nlayers), 1)
         self.in_dim = in_dim
         self.out_dim = out_dim
+        self.hidden_dim, self.bottleneck_dim, self.nlayers, self.mlp_bias = hidden_dim, bottleneck_dim, nlayers, mlp_bias
         self.norm_last_layer = bool(norm_last_layer)
         self.use_bn = bool(use_bn) and nlayers > 1
         self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, use_bn, mlp_bias)
@@ -130,6 +131,12 @@ class DINOHead(nn.Module):
             lead = x.shape[:-1]
             return self.forward(x.reshape(-1, x.shape[-1])).reshape(*lead, self.out_dim)
         return self.last_layer(self.bottleneck(x))
+
+    def spec(self) -> dict:
+        """The constructor arguments (stored in checkpoints, so a head can be rebuilt from one)."""
+        return {"in_dim": self.in_dim, "out_dim": self.out_dim, "hidden_dim": self.hidden_dim,
+                "bottleneck_dim": self.bottleneck_dim, "nlayers": self.nlayers,
+                "norm_last_layer": self.norm_last_layer, "use_bn": self.use_bn, "mlp_bias": self.mlp_bias}
 
     def last_layer_parameters(self) -> list[nn.Parameter]:
         """Parameters of the prototype layer (frozen for the first epoch by the methods)."""
