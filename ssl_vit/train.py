@@ -54,6 +54,10 @@ def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
+    if "cascade" in cfg:
+        choice = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+        raise ValueError(f"experiment={choice} is a cascade of training runs: start it with "
+                         f"python -m ssl_vit.cascade experiment={choice}")
     validate(cfg)  # fail before any work starts
     with torch.device("meta"):  # checks the model config without allocating its weights
         build_backbone_from_config(cfg.model)
