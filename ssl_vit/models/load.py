@@ -109,6 +109,15 @@ def _read_export_arch(path: Path) -> dict[str, Any]:
     return meta["arch"]
 
 
+def _from_timm_export(state_dict: Mapping[str, torch.Tensor], arch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """An export in timm's key layout -> this backbone's keys (``ssl_vit.models.timm_export``)."""
+    _, converted, _ = convert_state_dict(state_dict, layout="timm", **{k: v for k, v in arch.items()
+                                                                       if k in ("img_size", "patch_size")})
+    if arch.get("pos_embed") != "learned":
+        converted.pop("pos_embed", None)  # a fixed sin-cos table, computed again at any size
+    return converted
+
+
 def _build(arch: dict[str, Any], state_dict: Mapping, layout: str, source: str) -> VisionTransformer:
     model = build_backbone(arch)
     load_state_dict_strict(model, state_dict, layout, source)
@@ -132,6 +141,8 @@ def load_backbone(path: str | Path | Mapping, layout: str | None = None, **arch:
             meta = path.with_suffix(".json")
             if meta.is_file():
                 stored = _read_export_arch(meta)
+                if json.loads(meta.read_text()).get("format") == "timm":  # python -m ssl_vit.export
+                    checkpoint = _from_timm_export(checkpoint, stored)
                 return _build({**stored, **arch}, checkpoint, "ssl_vit export", source)
         elif suffix in TORCH_SUFFIXES:
             checkpoint = _torch_load(path)
