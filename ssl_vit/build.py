@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, ListConfig
 
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint
+from ssl_vit.callbacks.pictures import FeaturePictures
 from ssl_vit.callbacks.reconstruction import ReconstructionPictures
 from ssl_vit.config import backbone_arch, to_dict
 from ssl_vit.data.collate import MultiCropCollator
@@ -237,6 +238,10 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     if pictures is not None:  # MAE: original / masked / reconstruction of fixed validation images
         callbacks.append(ReconstructionPictures(datamodule, out_dir, pictures.every_n_steps, pictures.num_images,
                                                 seed=cfg.seed))
+    features = cfg.eval.get("pictures")
+    if features is not None and features.every_n_steps:  # attention maps and PCA of the evaluated backbone
+        callbacks.append(FeaturePictures(datamodule, out_dir, features.every_n_steps, features.num_images,
+                                         split="val" if knn else "train", setting="eval.pictures"))
     if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))

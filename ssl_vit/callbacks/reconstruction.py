@@ -4,17 +4,16 @@ Every ``every_n_steps`` optimizer steps and at the end of training, the same ima
 masks (noise from a fixed seed) go through the model. The PNG (one column per image; rows:
 original, the visible patches on grey, the prediction of every patch, and the prediction with the
 visible patches pasted back, as in the paper's figures) is written to ``DIR/pictures/`` and
-handed to the logger (wandb: an image; the CSV logger keeps only the file).
+handed to the loggers (:mod:`ssl_vit.callbacks.pictures`).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
 
-from ssl_vit.callbacks.step_tracking import OptimizerStepCallback
-from ssl_vit.data.datasets import TransformedDataset
+from ssl_vit.callbacks.pictures import PeriodicPictures
 from ssl_vit.losses.mae import normalized_patch_target, patchify, unpatchify
 
 GREY = 0.5  # what a removed patch shows in the "masked" row
@@ -44,53 +43,16 @@ def reconstruction_rows(method, images: torch.Tensor, noise: torch.Tensor, mean,
     return torch.cat(rows).clamp(0, 1)
 
 
-class ReconstructionPictures(OptimizerStepCallback):
+class ReconstructionPictures(PeriodicPictures):
     def __init__(self, datamodule, out_dir: str | Path, every_n_steps: int = 100, num_images: int = 8,
                  seed: int = 0, split: str = "val"):
-        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"method.pictures.num_images={num_images!r}; allowed: a positive integer")
-        self.datamodule, self.out_dir = datamodule, Path(out_dir)
-        self.every_n_steps, self.num_images, self.seed, self.split = every_n_steps, num_images, seed, split
-        self._images: torch.Tensor | None = None
+        super().__init__(datamodule, out_dir, every_n_steps, num_images, split, setting="method.pictures")
+        self.seed = seed
 
-    def images(self) -> torch.Tensor:
-        """The first ``num_images`` images of the split, through the evaluation transform."""
-        if self._images is None:
-            raw = self.datamodule.get_dataset(self.split)
-            data = TransformedDataset(raw, self.datamodule.eval_transform, to_rgb=True, three_channels=True)
-            self._images = torch.stack([data[i][0] for i in range(min(self.num_images, len(data)))])
-        return self._images
-
-    @torch.no_grad()
-    def render(self, pl_module, step: int) -> Path:
-        images = self.images().to(pl_module.device)
+    def draw(self, pl_module, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, str]]:
         grid = pl_module.encoder.patch_embed.grid_size(*images.shape[-2:])
-        generator = torch.Generator().manual_seed(self.seed)
-        noise = torch.rand(images.shape[0], grid[0] * grid[1], generator=generator).to(pl_module.device)
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            rows = reconstruction_rows(pl_module, images, noise, self.datamodule.mean, self.datamodule.std)
-        finally:
-            pl_module.train(was_training)
-        path = self.out_dir / "pictures" / f"reconstruction_step{step:07d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(rows.cpu(), path, nrow=images.shape[0], padding=1, pad_value=1.0)
-        return path
-
-    def publish(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
-        path = self.render(pl_module, trainer.global_step)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):  # wandb
-                logger.log_image(key="pictures/reconstruction", images=[str(path)], step=trainer.global_step,
-                                 caption=["rows: original, masked, reconstruction, reconstruction + visible"])
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.optimizer_stepped(trainer) and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
-            self.publish(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if not self.every_n_steps or trainer.global_step % self.every_n_steps:
-            self.publish(trainer, pl_module)
+        generator = torch.Generator().manual_seed(self.seed)  # the same masks at every step
+        noise = torch.rand(images.shape[0], grid[0] * grid[1], generator=generator).to(images.device)
+        rows = reconstruction_rows(pl_module, images, noise, self.datamodule.mean, self.datamodule.std)
+        return {"reconstruction": (make_grid(rows.cpu(), nrow=images.shape[0], padding=1, pad_value=1.0),
+                                   "rows: original, masked, reconstruction, reconstruction + visible")}
