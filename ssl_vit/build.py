@@ -25,7 +25,8 @@ from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
 
-LOGGERS = ("csv", "wandb")
+LOGGERS = ("csv", "wandb", "tensorboard")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 SINGLE_VIEW_AUGMENTATION = "mae"  # method.crops.augmentation of MAE's one-view pipeline
 
 
@@ -46,6 +47,8 @@ def validate(cfg: DictConfig) -> None:
             )
     if cfg.logger.name not in LOGGERS:
         raise ValueError(f"logger={cfg.logger.name!r}; allowed: {LOGGERS}")
+    if cfg.logger.name == "wandb":
+        wandb_mode(cfg.logger.mode)
     init = cfg.model.get("init")
     if init and not os.path.isfile(str(init)):
         raise ValueError(f"model.init={init!r} is not a file; give a backbone checkpoint or export "
@@ -213,13 +216,52 @@ def resolved_world_size(cfg: DictConfig, trainer: L.Trainer) -> int:
     return world
 
 
+def wandb_credentials_found() -> bool:
+    """Whether wandb could log in without asking: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    import netrc
+
+    try:
+        return netrc.netrc().authenticators(os.environ.get("WANDB_BASE_URL", "api.wandb.ai").split("//")[-1]) is not None
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        return False
+
+
+def wandb_mode(mode: str) -> str:
+    """``logger.mode``: ``auto`` is online where wandb finds credentials and offline elsewhere."""
+    if mode not in WANDB_MODES:
+        raise ValueError(f"logger.mode={mode!r}; allowed: {', '.join(WANDB_MODES)}")
+    if mode == "auto":
+        return "online" if wandb_credentials_found() else "offline"
+    return mode
+
+
+def checkpoint_step(path: str | None) -> int | None:
+    """The optimizer step a checkpoint was written at (None: no checkpoint or unreadable)."""
+    if not path:
+        return None
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+    except Exception:  # the resume itself reports what is wrong with the file
+        return None
+
+
 def build_logger(cfg: DictConfig, out_dir: Path):
     if cfg.logger.name == "csv":
         return ResumableCSVLogger(save_dir=str(out_dir), name="logs", version="")
+    if cfg.logger.name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        # A resumed run drops the events a crashed run logged after its last checkpoint.
+        return TensorBoardLogger(save_dir=str(out_dir), name="tensorboard", version="", default_hp_metric=False,
+                                 purge_step=checkpoint_step(resume_path(cfg, out_dir)))
     from lightning.pytorch.loggers import WandbLogger
 
     # One wandb run per output folder: a resumed run appends to the same wandb run.
-    return WandbLogger(save_dir=str(out_dir), project=cfg.logger.project, mode=cfg.logger.mode,
+    return WandbLogger(save_dir=str(out_dir), project=cfg.logger.project, mode=wandb_mode(cfg.logger.mode),
                        id=wandb_run_id(out_dir), resume="allow")
 
 

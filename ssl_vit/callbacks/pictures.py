@@ -25,13 +25,18 @@ def unnormalise(images: torch.Tensor, mean, std) -> torch.Tensor:
     return (images.float() * std + mean).clamp(0, 1)
 
 
-def publish_picture(trainer, key: str, path: Path, picture: torch.Tensor, caption: str) -> None:
-    """Hand a saved picture to every logger that takes images."""
+def publish_pictures(trainer, pictures: dict[str, tuple[Path, torch.Tensor, str]]) -> None:
+    """Hand saved pictures ``{key: (path, picture, caption)}`` to every logger that takes images
+    (wandb: all of them in one history row, at the step of the state they show)."""
     for logger in trainer.loggers:
         if hasattr(logger, "log_image"):  # wandb
-            logger.log_image(key=key, images=[str(path)], step=trainer.global_step, caption=[caption])
+            import wandb
+
+            logger.log_metrics({key: [wandb.Image(str(path), caption=caption)]
+                                for key, (path, _, caption) in pictures.items()}, step=trainer.global_step)
         elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-            logger.experiment.add_image(key, picture, global_step=trainer.global_step)
+            for key, (_, picture, _) in pictures.items():
+                logger.experiment.add_image(key, picture, global_step=trainer.global_step)
 
 
 class PeriodicPictures(OptimizerStepCallback):
@@ -79,8 +84,8 @@ class PeriodicPictures(OptimizerStepCallback):
     def publish(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        for name, (path, picture, caption) in self.render(pl_module, trainer.global_step).items():
-            publish_picture(trainer, f"pictures/{name}", path, picture, caption)
+        rendered = self.render(pl_module, trainer.global_step)
+        publish_pictures(trainer, {f"pictures/{name}": entry for name, entry in rendered.items()})
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.optimizer_stepped(trainer) and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:

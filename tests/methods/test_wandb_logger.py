@@ -1,5 +1,6 @@
 """logger=wandb, offline, with the real wandb package: the run folder it writes holds the run id
-kept beside the checkpoints and the metrics of every step; a resumed run continues that id."""
+kept beside the checkpoints, the metrics of every step and the pictures; a resumed run continues
+that id without logging a step twice."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,8 +28,16 @@ def test_offline_wandb_run_logs_every_step_and_resumes_the_same_run(tmp_path, mo
     (first,) = _run_files(out)
     assert run_id(first) == kept_id
     rows = history_rows(first)
-    assert [r["trainer/global_step"] for r in rows] == [0, 1, 2]
-    for row in rows:
+    metric_rows = [r for r in rows if "loss" in r]
+    assert [r["trainer/global_step"] for r in metric_rows] == [0, 1, 2]
+    # The end-of-run pictures (the state after 3 steps): one row, both images, written as files.
+    (pictures,) = [r for r in rows if "loss" not in r and any(k.startswith("pictures/") for k in r)]
+    assert pictures["trainer/global_step"] == 3
+    for key in ("pictures/attention", "pictures/pca"):
+        (image,) = pictures[f"{key}/filenames"]  # wandb's image record, nested keys joined by "/"
+        assert pictures[f"{key}/_type"] == "images/separated"
+        assert (first.parent / "files" / image).is_file() and image.endswith(".png"), image
+    for row in metric_rows:
         for key in ("loss", "loss/dino", "loss/ibot", "loss/koleo", "schedule/lr", "collapse/teacher_entropy"):
             assert isinstance(row[key], (int, float)), key
     assert rows[0]["schedule/lr"] == pytest.approx(0.0)  # the warm-up starts at 0
@@ -38,4 +47,6 @@ def test_offline_wandb_run_logs_every_step_and_resumes_the_same_run(tmp_path, mo
     files = _run_files(out)
     assert len(files) == 2 and all(run_id(f) == kept_id for f in files)
     second = next(f for f in files if f != first)
-    assert [r["trainer/global_step"] for r in history_rows(second)] == [3, 4]
+    resumed = history_rows(second)
+    assert [r["trainer/global_step"] for r in resumed if "loss" in r] == [3, 4]
+    assert [r["trainer/global_step"] for r in resumed if "loss" not in r] == [5]  # its own end pictures
