@@ -75,6 +75,8 @@ def validate(cfg: DictConfig) -> None:
     from ssl_vit.evaluation.features import check_features
 
     check_features(str(cfg.features))
+    if cfg.linear.get("features"):
+        check_features(str(cfg.linear.features), "linear.features")
     if cfg.split not in SPLIT_CHOICES:
         raise ValueError(f"split={cfg.split!r}; allowed: {', '.join(SPLIT_CHOICES)}")
     if cfg.precision not in PRECISIONS:
@@ -199,6 +201,15 @@ def build_eval_datamodule(resolved: Mapping[str, Any], batch_size: int):
 
 
 # -- the evaluation -----------------------------------------------------------------------------
+def select_features(features, extracted: str, kind: str):
+    """``kind``'s columns of features extracted as ``extracted`` (cls_avgpool = [CLS] | mean patch)."""
+    if kind == extracted:
+        return features
+    cls, mean_patch = features.chunk(2, dim=1)
+    return {"cls": cls, "mean_patch": mean_patch}[kind]
+
+
+
 def _device(name: str):
     import torch
 
@@ -241,7 +252,10 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
                     checkpoint, resolved["dataset"])
     datamodule = build_eval_datamodule(resolved, cfg.batch_size)
     device = _device(str(cfg.device))
-    backbone = BackboneFeatures(load_backbone(checkpoint), str(cfg.features)).to(device)
+    # One extraction serves both: cls_avgpool holds [CLS] and the mean patch token side by side.
+    knn_kind, linear_kind = str(cfg.features), str(cfg.linear.get("features") or cfg.features)
+    extracted = knn_kind if knn_kind == linear_kind else "cls_avgpool"
+    backbone = BackboneFeatures(load_backbone(checkpoint), extracted).to(device)
     log.info("backbone %s (embed_dim %d) on %s; data %s (%s), split=%s", checkpoint, backbone.embed_dim,
              device, resolved["dataset"], resolved["source"]["data"], cfg.split)
 
@@ -258,6 +272,8 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
                                           f"queries ({cfg.split})", cfg.progress)
     timings["features_s"] = round(time.perf_counter() - start, 3)
     del backbone
+    all_bank, all_query = bank_feats, query_feats
+    bank_feats, query_feats = (select_features(f, extracted, knn_kind) for f in (all_bank, all_query))
     num_classes = int(max(bank_labels.max().item(), query_labels.max().item()) + 1)
     if datamodule.num_classes:
         num_classes = max(num_classes, int(datamodule.num_classes))
@@ -277,13 +293,14 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
 
     if cfg.linear.enabled:
         start = time.perf_counter()
+        lin_bank, lin_query = (select_features(f, extracted, linear_kind) for f in (all_bank, all_query))
         probe = train_linear_probe(
-            bank_feats, bank_labels, num_classes, epochs=int(cfg.linear.epochs), lr=float(cfg.linear.lr),
+            lin_bank, bank_labels, num_classes, epochs=int(cfg.linear.epochs), lr=float(cfg.linear.lr),
             batch_size=int(cfg.linear.batch_size), weight_decay=float(cfg.linear.weight_decay),
             seed=int(cfg.seed), whiten=bool(cfg.linear.whiten),
         )
-        metrics["linear_top1"] = linear_probe_top1(probe, query_feats, query_labels)
-        metrics["linear_train_top1"] = linear_probe_top1(probe, bank_feats, bank_labels)
+        metrics["linear_top1"] = linear_probe_top1(probe, lin_query, query_labels)
+        metrics["linear_train_top1"] = linear_probe_top1(probe, lin_bank, bank_labels)
         timings["linear_s"] = round(time.perf_counter() - start, 3)
         print(f"linear_top1={metrics['linear_top1']}", flush=True)
 
@@ -301,13 +318,14 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
         },
         "num_bank": int(bank_feats.shape[0]),
         "num_query": int(query_feats.shape[0]),
-        "features": str(cfg.features),
+        "features": knn_kind,
+        "skipped_files": datamodule.num_skipped,
         "feature_dim": int(bank_feats.shape[1]),
         "num_classes": num_classes,
         "knn": {"ks": ks, "temperature": float(cfg.knn.temperature), "metric": "cosine", "weighting": "exp(s/T)"},
-        "linear": {**OmegaConf.to_container(cfg.linear, resolve=True), "seed": int(cfg.seed),
+        "linear": {**OmegaConf.to_container(cfg.linear, resolve=True), "seed": int(cfg.seed), "features": linear_kind,
                    "optimizer": "sgd(momentum=0.9), cosine lr",
-                   "features": "whitened (bank statistics)" if cfg.linear.whiten else "standardised (bank mean/std)"},
+                   "normalisation": "whitened (bank statistics)" if cfg.linear.whiten else "standardised (bank mean/std)"},
         "max_train": cfg.max_train,
         "max_eval": cfg.max_eval,
         "precision": cfg.precision,
@@ -315,6 +333,8 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
         "timings": timings,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
+    if datamodule.num_skipped:
+        print(f"skipped {datamodule.num_skipped} unreadable files (named in the warnings above)", flush=True)
     (out_dir / "metrics.json").write_text(json.dumps(report, indent=2))
     log.info("k-NN top-1 %s; wrote %s", {k: metrics[f"knn_top1_k{k}"] for k in ks}, out_dir / "metrics.json")
     return report

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from ssl_vit.data.datamodule import SSLDataModule
 from ssl_vit.evaluate import read_preprocessing, resolve_data, run
+from ssl_vit.evaluation.features import BackboneFeatures
 from ssl_vit.evaluation.knn import extract_features, knn_top1
 from ssl_vit.evaluation.linear_probe import linear_probe_top1, train_linear_probe
 from ssl_vit.models import VisionTransformer, preset
@@ -213,3 +214,47 @@ def test_features_option_reads_mean_patch_or_cls_and_mean_patch(checkpoint, back
     assert metrics["knn_top1"] == pytest.approx(expected, abs=1e-6)
     with pytest.raises(ValueError, match="features='pooled'; allowed: cls, mean_patch, cls_avgpool"):
         evaluate_here(tmp_path, f"checkpoint={checkpoint}", "features=pooled")
+
+
+def test_probe_on_cls_and_mean_patch_while_knn_reads_cls(checkpoint, backbone, reference, tmp_path):
+    metrics = evaluate_here(tmp_path, f"checkpoint={checkpoint}", "linear.features=cls_avgpool", *FAST)
+    bank, bank_labels, query, query_labels = reference  # [CLS] features
+    assert metrics["features"] == "cls" and metrics["linear"]["features"] == "cls_avgpool"
+    assert metrics["knn_top1"] == pytest.approx(knn_top1(bank, bank_labels, query, query_labels, k=20), abs=1e-6)
+    dm = SSLDataModule(dataset="synthetic", root=None, val_size=100, split_seed=0, image_size=32,
+                       mean=[0.5] * 3, std=[0.5] * 3, num_samples=200)
+    both = [extract_features(BackboneFeatures(backbone, "cls_avgpool"), loader)[0]
+            for loader in dm.knn_dataloaders("val", batch_size=64)]
+    probe = train_linear_probe(both[0], bank_labels, 10, epochs=10, lr=1.0, batch_size=50, weight_decay=0.0, seed=0)
+    assert metrics["linear_top1"] == pytest.approx(linear_probe_top1(probe, both[1], query_labels), abs=1e-6)
+
+
+def test_same_seed_gives_identical_figures_and_another_probe_seed_may_not(checkpoint, tmp_path):
+    first = evaluate_here(tmp_path / "a", f"checkpoint={checkpoint}", *FAST)
+    second = evaluate_here(tmp_path / "b", f"checkpoint={checkpoint}", *FAST)
+    keys = ("knn_top1_k10", "knn_top1_k20", "knn_top1_k200", "linear_top1", "linear_train_top1")
+    assert [first[k] for k in keys] == [second[k] for k in keys]
+    other = evaluate_here(tmp_path / "c", f"checkpoint={checkpoint}", "seed=1", *FAST)
+    assert other["knn_top1"] == first["knn_top1"]  # k-NN has no randomness
+    assert other["linear"]["seed"] == 1
+
+
+def test_imagefolder_evaluation_skips_and_counts_unreadable_files(checkpoint, tmp_path):
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("val", 6)):
+        for label in ("a", "b"):
+            folder = tmp_path / "images" / split / label
+            folder.mkdir(parents=True)
+            for i in range(count // 2):
+                pixels = (torch.rand(20, 20, 3, generator=rng) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    (tmp_path / "images" / "train" / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    metrics = evaluate_here(tmp_path / "out", f"checkpoint={checkpoint}", "data=imagefolder",
+                            f"data.root={tmp_path / 'images' / 'train'}",
+                            f"+data.options.val_root={tmp_path / 'images' / 'val'}", "data.num_workers=0",
+                            "progress=false", "linear.epochs=2", data_group="imagefolder")
+    assert metrics["skipped_files"] == 1
+    assert (metrics["num_bank"], metrics["num_query"]) == (12, 6)
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["skipped_files"] == 1
