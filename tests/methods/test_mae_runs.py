@@ -38,7 +38,7 @@ def test_smoke_command_writes_a_checkpoint_load_backbone_reads_as_the_encoder(tm
     assert backbone.pos_embed_type == "sincos" and not any(k.startswith("decoder") for k in backbone.state_dict())
     # Pictures at steps 3 and 6: 4 rows (original, masked, reconstruction, pasted) of 8 images of
     # 28 px (the recipe's crop size), 1 px apart.
-    pictures = sorted((out / "pictures").glob("*.png"))
+    pictures = sorted((out / "pictures").glob("reconstruction_*.png"))
     assert [p.name for p in pictures] == ["reconstruction_step0000003.png", "reconstruction_step0000006.png"]
     assert Image.open(pictures[0]).size == (8 * 29 + 1, 4 * 29 + 1)
     # After the final k-NN: the held-out reconstruction on the validation split, as
