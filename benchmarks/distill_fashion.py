@@ -11,6 +11,8 @@
 3. Each student's twin: the same architecture trained from scratch with ``method=dinov2`` for
    the same training time as the stage itself (the teacher's time is not counted).
 
+    python benchmarks/distill_fashion.py --distill-overrides method.teacher_temp=0.02 ...   # distillation runs only
+
 Step counts come from measured seconds per step (two short calibration runs of each setting, as
 ``knn_fashion.py`` does); the reported minutes are the runs' own training times. Every backbone
 is scored by weighted k-NN (k=20, T=0.07) on the official test split, the bank a fixed stratified
@@ -87,12 +89,17 @@ def main() -> None:
     parser.add_argument("--knn-bank", type=int, default=20000)
     parser.add_argument("--calibration-steps", type=int, default=50)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "distill_fashion")
+    parser.add_argument("--distill-overrides", nargs="*", default=[],
+                        help="overrides for the distillation stages only (the other arguments go to every run)")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {"overrides": overrides, "runs": {}}
-    if results["overrides"] != overrides:
-        raise SystemExit(f"{results_file} holds runs with overrides {results['overrides']}: use another --out")
+    settings = {"overrides": overrides, "distill_overrides": args.distill_overrides,
+                "teacher_minutes": args.teacher_minutes, "stage_minutes": args.stage_minutes}
+    results = json.loads(results_file.read_text()) if results_file.exists() else {**settings, "runs": {}}
+    if {k: results.get(k) for k in settings} != settings:
+        raise SystemExit(f"{results_file} holds runs of other settings ({ {k: results.get(k) for k in settings} }): "
+                         "use another --out")
     runs = results["runs"]
 
     def save() -> None:
@@ -116,8 +123,8 @@ def main() -> None:
     teacher = trained("teacher", ["method=dinov2"], args.teacher_minutes * 60, [])
     previous = args.out / "teacher" / "checkpoints" / "last.ckpt"
     for stage, model in STUDENTS.items():
-        distilled = trained(stage, ["method=distill", f"method.teacher.checkpoint={previous}"] + model,
-                            args.stage_minutes * 60, model)
+        distilled = trained(stage, ["method=distill", f"method.teacher.checkpoint={previous}"] + model
+                            + args.distill_overrides, args.stage_minutes * 60, model)
         trained(f"{stage}_scratch", ["method=dinov2"] + model, distilled["fit_s"], model)
         previous = args.out / stage / "checkpoints" / "last.ckpt"
 
