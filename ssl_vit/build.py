@@ -276,14 +276,18 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
     if cfg.trainer.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    # The pictures show fixed validation images when the run has a validation split to draw on
+    # (it is needed for k-NN anyway); otherwise the first training images, so that a small or
+    # unlabelled folder still trains.
+    picture_split = "val" if knn and knn_requested(cfg) else "train"
     pictures = cfg.method.get("pictures")
-    if pictures is not None:  # MAE: original / masked / reconstruction of fixed validation images
+    if pictures is not None:  # MAE: original / masked / reconstruction of fixed images
         callbacks.append(ReconstructionPictures(datamodule, out_dir, pictures.every_n_steps, pictures.num_images,
-                                                seed=cfg.seed))
+                                                seed=cfg.seed, split=picture_split))
     features = cfg.eval.get("pictures")
     if features is not None and features.every_n_steps:  # attention maps and PCA of the evaluated backbone
         callbacks.append(FeaturePictures(datamodule, out_dir, features.every_n_steps, features.num_images,
-                                         split="val" if knn else "train", setting="eval.pictures"))
+                                         split=picture_split, setting="eval.pictures"))
     if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))

@@ -124,3 +124,6 @@ def test_labelled_folder_too_small_to_evaluate_fails_before_training(tmp_path):
     cfg = compose_train(FOLDER_RUN + [f"data.root={root}", "data.val_size=null", "data.batch_size=8",
                                       "eval.final_knn=false", "trainer.max_steps=1"])
     assert run(cfg, out)["global_step"] == 1
+    # ... and its pictures show training images, there being no validation split to draw from.
+    assert sorted(p.name for p in (out / "pictures").glob("*.png")) == ["attention_step0000001.png",
+                                                                        "pca_step0000001.png"]
