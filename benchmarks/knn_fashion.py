@@ -22,6 +22,8 @@ already there (a 2 x 75-minute benchmark can be spread over several sittings). I
 mix results: the composed training config of each method is stored, and a later call whose
 recipe differs (other overrides, or a changed default) stops with the differing keys. Keep the
 machine otherwise idle: the step count of each budget comes from the measured step time.
+At the end it draws OUT/knn_curve.png (k-NN against training minutes per method, with the
+random-init and raw-pixel lines; ``knn_curve.py`` redraws it from a results file).
 """
 from __future__ import annotations
 
@@ -225,6 +227,11 @@ def main() -> None:
                   f"over random init, {100 * (row['knn_top1'] - results['raw_pixels'][str(sizes[method])]):+.1f} "
                   f"over raw pixels){origin}",
                   flush=True)
+    if results["runs"]:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from knn_curve import draw_curve  # a sibling script
+
+        print(f"curve: {draw_curve(results, args.out / 'knn_curve.png')}", flush=True)
 
 
 if __name__ == "__main__":
