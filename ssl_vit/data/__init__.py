@@ -34,7 +34,7 @@ _EXPORTS = {
     "default_normalization": "ssl_vit.data.datamodule",
     "IMAGENET_MEAN": "ssl_vit.data.datamodule",
     "IMAGENET_STD": "ssl_vit.data.datamodule",
-    # transforms.py / collate.py
+    # transforms/ / collate.py
     "MultiCropTransform": "ssl_vit.data.transforms",
     "EvalTransform": "ssl_vit.data.transforms",
     "MultiCropCollator": "ssl_vit.data.collate",

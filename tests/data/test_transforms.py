@@ -23,10 +23,10 @@ from ssl_vit.data.transforms import (
     EvalTransform,
     MultiCropTransform,
     ReferenceMultiCrop,
-    _sample_crop,
-    _U_PER_CROP,
     blur_kernel_size,
 )
+from ssl_vit.data.transforms.kernels import augment_crops
+from ssl_vit.data.transforms.sampling import UNIFORMS_PER_CROP, sample_crop
 
 
 @pytest.fixture(autouse=True)
@@ -399,7 +399,7 @@ def test_each_step_matches_its_v2_kernel(channels):
     spec = t.global_spec_1
     for overrides, kernel, tol in steps:
         p = CropParams(**{**base, **overrides})
-        got = t._augment(img[None].float(), [p], [spec], t._blur[spec.size])[0]
+        got = augment_crops(img[None].float(), [p], [spec], t._blur[spec.size])[0]
         want = kernel(img).float()
         assert got.shape == want.shape
         assert (got - want).abs().max() <= tol, overrides
@@ -437,8 +437,8 @@ def _ks_critical(n, m):
 
 def _draw_params(spec, n, height, width, seed=0):
     torch.manual_seed(seed)
-    u = torch.rand(n, _U_PER_CROP, dtype=torch.float64).tolist()
-    return [_sample_crop(spec, row, height, width) for row in u]
+    u = torch.rand(n, UNIFORMS_PER_CROP, dtype=torch.float64).tolist()
+    return [sample_crop(spec, row, height, width) for row in u]
 
 
 @pytest.mark.parametrize("height, width", [(28, 28), (30, 40), (60, 20)])
