@@ -44,7 +44,7 @@ def train(out_dir: Path, overrides: list[str]) -> tuple[float, float]:
     """Runs python -m ssl_vit.train in a fresh directory; returns its wall time and its training
     time (``fit_seconds`` from metrics.json: without start-up), in seconds."""
     cmd = [sys.executable, "-m", "ssl_vit.train", f"hydra.run.dir={out_dir}", "eval.final_knn=false",
-           "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false"] + overrides
+           "eval.knn_every_n_steps=0", "trainer.enable_progress_bar=false"] + overrides
     if (out_dir / "checkpoints").exists():  # an interrupted earlier attempt: start over, not resume
         shutil.rmtree(out_dir)
     start = time.perf_counter()

@@ -11,3 +11,7 @@ def load_backbone(path, **arch):
 
 __all__ = ["VisionTransformer", "build_backbone", "load_backbone"]
 __version__ = "0.1.0"
+
+from ssl_vit.schema import register as _register_schemas  # noqa: E402  (conf/ extends the schemas)
+
+_register_schemas()

@@ -24,6 +24,7 @@ from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
 from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
+from ssl_vit.schema import check_config
 
 LOGGERS = ("csv", "wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
@@ -31,7 +32,9 @@ SINGLE_VIEW_AUGMENTATION = "mae"  # method.crops.augmentation of MAE's one-view 
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks that need several groups at once; each group's own checks run when it is built."""
+    """Every key against its schema (types, ranges, choices, unknown keys: ``ssl_vit.schema``),
+    then the checks that need several groups at once; each group's own checks run when it is built."""
+    check_config(cfg)
     if cfg.method.name not in METHODS:
         raise ValueError(f"method={cfg.method.name!r} is not implemented; available: {sorted(METHODS)}")
     METHODS[cfg.method.name].validate_config(cfg)  # the method's own keys
@@ -49,6 +52,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"logger={cfg.logger.name!r}; allowed: {LOGGERS}")
     if cfg.logger.name == "wandb":
         wandb_mode(cfg.logger.mode)
+    if cfg.get("ckpt_path") and not os.path.isfile(str(cfg.ckpt_path)):
+        raise ValueError(f"ckpt_path={cfg.ckpt_path!r} is not a file; give a checkpoint of this framework to resume "
+                         "from, or leave it null (a run resumes from DIR/checkpoints/last.ckpt by itself)")
     init = cfg.model.get("init")
     if init and not os.path.isfile(str(init)):
         raise ValueError(f"model.init={init!r} is not a file; give a backbone checkpoint or export "
@@ -274,7 +280,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     """The Trainer of ``cfg``; ``knn=False`` leaves the k-NN monitor out (data without labels)."""
     ckpt_dir = out_dir / "checkpoints"
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
-    if cfg.trainer.get("enable_progress_bar", True):  # +trainer.enable_progress_bar=false: quiet logs
+    if cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     # The pictures show fixed validation images when the run has a validation split to draw on
     # (it is needed for k-NN anyway); otherwise the first training images, so that a small or

@@ -29,7 +29,9 @@ from ssl_vit.build import (
 )
 from ssl_vit.callbacks import LastCheckpoint
 from ssl_vit.callbacks.knn import knn_accuracies
+from ssl_vit.cli import config_errors_exit, run_app
 from ssl_vit.config import build_backbone_from_config
+from ssl_vit.schema import ConfigError
 
 log = logging.getLogger("ssl_vit.train")
 SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
@@ -54,31 +56,44 @@ def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    if "cascade" in cfg:
-        choice = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
-        raise ValueError(f"experiment={choice} is a cascade of training runs: start it with "
-                         f"python -m ssl_vit.cascade experiment={choice}")
-    validate(cfg)  # fail before any work starts
-    with torch.device("meta"):  # checks the model config without allocating its weights
-        build_backbone_from_config(cfg.model)
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    knn_skipped = datamodule.knn_unavailable_reason() if knn_requested(cfg) else None
-    if knn_skipped:
-        log.warning("k-NN evaluation is skipped: %s; training on all of them", knn_skipped)
-    elif knn_requested(cfg):
-        datamodule.check_knn_splits()  # an evaluation split too small fails now, not after training
-    trainer = build_trainer(cfg, out_dir, datamodule, knn=not knn_skipped)
-    # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
-    method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
+    datamodule, method, trainer, knn_skipped = prepare(cfg, out_dir)
     # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
     try:
         return train_and_evaluate(cfg, out_dir, datamodule, method, trainer, knn_skipped)
     finally:
         close_loggers(trainer)
+
+
+def prepare(cfg: DictConfig, out_dir: Path):
+    """Everything before training, in the order that fails fastest: the config, the model on the
+    meta device, the data and its splits, the trainer, the method. A value that cannot work
+    raises :class:`ConfigError` here, before any step is taken or any checkpoint written."""
+    try:
+        if cfg.get("cascade") is not None:
+            choice = HydraConfig.get().runtime.choices.get("experiment") if HydraConfig.initialized() else None
+            raise ValueError(f"experiment={choice} is a cascade of training runs: start it with "
+                             f"python -m ssl_vit.cascade experiment={choice}")
+        validate(cfg)
+        with torch.device("meta"):  # checks the model config without allocating its weights
+            build_backbone_from_config(cfg.model)
+        L.seed_everything(cfg.seed, workers=True)
+        datamodule = build_datamodule(cfg)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+        knn_skipped = datamodule.knn_unavailable_reason() if knn_requested(cfg) else None
+        if knn_skipped:
+            log.warning("k-NN evaluation is skipped: %s; training on all of them", knn_skipped)
+        elif knn_requested(cfg):
+            datamodule.check_knn_splits()  # an evaluation split too small fails now, not after training
+        trainer = build_trainer(cfg, out_dir, datamodule, knn=not knn_skipped)
+        # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
+        method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
+    except ConfigError:
+        raise
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        raise ConfigError(str(error)) from error
+    return datamodule, method, trainer, knn_skipped
 
 
 def close_loggers(trainer: L.Trainer) -> None:
@@ -128,9 +143,10 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, datamodule, method, train
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train")
+@config_errors_exit
 def main(cfg: DictConfig) -> None:
     run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -15,7 +15,7 @@ import ssl_vit
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["data=synthetic", "data.options.num_samples=128", "data.val_size=64", "data.batch_size=16",
           "data.num_workers=0", "trainer.precision=32", "eval.final_knn=false", "eval.knn_every_n_steps=0",
-          "+trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2"]
+          "trainer.enable_progress_bar=false", "checkpoint_every_n_steps=2"]
 
 
 def write_cascade(folder: Path, name: str, student_extra: list[str], student_steps: int = 30,
@@ -43,7 +43,7 @@ def cascade(conf: Path, experiment: str, run_dir: Path, *extra: str) -> subproce
 def test_cascade_chains_stages_skips_finished_ones_and_resumes_the_unfinished(tmp_path):
     conf, run_dir = tmp_path / "conf", tmp_path / "run"
     # The first attempt is cut short in the student stage (a 1-second safety cut-off), as a crash would be.
-    write_cascade(conf, "cut", ["+trainer.max_time=00:00:00:01"])
+    write_cascade(conf, "cut", ["trainer.max_time=00:00:00:01"])
     write_cascade(conf, "whole", [])
     first = cascade(conf, "cut", run_dir)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -1,4 +1,5 @@
 """The Hydra model group agrees with the Python presets; bad model values fail with the key."""
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -8,6 +9,7 @@ from omegaconf import OmegaConf
 
 from ssl_vit.config import backbone_arch, build_backbone_from_config
 from ssl_vit.models import PRESETS, VisionTransformer
+from ssl_vit.schema.model import ModelConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -15,6 +17,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_model_yaml_matches_preset_and_constructor_defaults(name):
     node = OmegaConf.load(CONF / "model" / f"{name}.yaml")
+    assert node.pop("defaults") == [{"/schema/model@_here_": "vit"}, "_self_"]  # typed by ModelConfig
     assert node.name == name
     arch = backbone_arch(node)
     defaults = {
@@ -24,6 +27,14 @@ def test_model_yaml_matches_preset_and_constructor_defaults(name):
     assert set(arch) == set(defaults), "each model yaml lists every backbone argument"
     expected = {**defaults, **PRESETS[name]}
     assert arch == expected
+
+
+def test_model_schema_declares_every_backbone_argument_with_its_default():
+    declared = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    constructor = {k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
+                   if k not in ("self", "in_chans")}
+    assert set(declared) == set(constructor) | {"name", "init"}
+    assert {k: declared[k] for k in constructor} == constructor
 
 
 def compose_train(overrides):

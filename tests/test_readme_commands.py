@@ -28,7 +28,7 @@ from ssl_vit.train import run
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDERS = ("/path/to/", "/imagenet")
 APPENDED = ["trainer.max_steps=1", "data=synthetic"]
-SMALL = ["data.options.num_samples=256", "data.val_size=64", "+trainer.enable_progress_bar=false"]  # a quick k-NN
+SMALL = ["data.options.num_samples=256", "data.val_size=64", "trainer.enable_progress_bar=false"]  # a quick k-NN
 # What makes the other entry points cheap here (the checkpoint's data set is the small synthetic one).
 CHEAP = {
     "ssl_vit.evaluate": ["progress=false", "linear.epochs=2", "data.options.num_samples=256"],
@@ -36,7 +36,7 @@ CHEAP = {
     "ssl_vit.visualize": ["num_images=2"],
     "ssl_vit.cascade": ['cascade.common=["trainer.max_steps=1","data=synthetic","data.options.num_samples=256",'
                         '"data.val_size=64","eval.final_knn=false","eval.knn_every_n_steps=0",'
-                        '"+trainer.enable_progress_bar=false"]'],
+                        '"trainer.enable_progress_bar=false"]'],
 }
 
 
@@ -50,10 +50,22 @@ def readme_blocks() -> list[tuple[bool, list[str]]]:
     return blocks
 
 
+def readme_error_examples() -> list[tuple[list[str], str]]:
+    """``python -m ssl_vit.train ARGS   # error: TEXT`` lines: (ARGS, TEXT), a command shown failing."""
+    text = (ROOT / "README.md").read_text()
+    return [(shlex.split(args), message.strip())
+            for args, message in re.findall(r"^python -m ssl_vit\.train ([^#\n]*?)\s+# error: (.*)$", text, flags=re.M)]
+
+
 def readme_train_commands() -> list[list[str]]:
     commands = []
+    shown_failing = [args for args, _ in readme_error_examples()]
     for _, lines in readme_blocks():
         for line in lines:
+            if " --help" in line or " --cfg" in line:
+                continue  # prints, does not train (tested in test_bad_configs.py)
+            if line.startswith("python -m ssl_vit.train") and shlex.split(line)[3:] in shown_failing:
+                continue
             if line.startswith("make train"):
                 match = re.search(r'ARGS="([^"]*)"', line)
                 commands.append(shlex.split(match.group(1)) if match else [])
@@ -105,6 +117,18 @@ def test_readme_command_trains(overrides, quick_start_run, tmp_path):
         cfg = compose(config_name="train", overrides=kept + APPENDED + SMALL)
     metrics = run(cfg, tmp_path / "run")
     assert metrics["global_step"] == 1 and 0.0 <= metrics["knn_top1"] <= 1.0
+
+
+ERRORS = readme_error_examples()
+
+
+@pytest.mark.parametrize("args, message", ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+def test_readme_error_example_fails_as_shown(args, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ssl_vit.train", *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "error: invalid configuration:" in result.stderr
+    assert f"\n  {message}" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("command", TOOLS, ids=[" ".join(c[:2]) for c in TOOLS])

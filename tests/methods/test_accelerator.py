@@ -52,7 +52,7 @@ def test_entry_point_on_the_accelerator(accelerator, tmp_path, monkeypatch, requ
     monkeypatch.setattr(train_module, "knn_accuracies", recording_knn)
     cfg = compose_train(TINY + ["method=dinov2", f"trainer.accelerator={accelerator}", "trainer.precision=auto",
                                 "trainer.max_steps=4", "eval.knn_every_n_steps=0",
-                                "+trainer.enable_progress_bar=false"])
+                                "trainer.enable_progress_bar=false"])
     metrics = train_module.run(cfg, tmp_path)
 
     (trainer,) = trainers

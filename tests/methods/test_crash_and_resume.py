@@ -22,7 +22,7 @@ from ssl_vit.train import run
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["eval.final_knn=false", "eval.knn_every_n_steps=0", "trainer.log_every_n_steps=1",
-         "+trainer.enable_progress_bar=false", "model.depth=1"]
+         "trainer.enable_progress_bar=false", "model.depth=1"]
 
 
 def _logged_steps(out: Path) -> list[int]:

@@ -268,7 +268,7 @@ def test_bad_teacher_input_fails_before_training_naming_the_key(case, dinov2_tea
                               r"method.teacher.target=heads, but method.teacher.checkpoint is outside weights "
                               r"without projection heads; allowed for it: features"),
         "bad_target": ([f"method.teacher.checkpoint={dinov2_teacher}", "method.teacher.target=logits"],
-                       r"method.teacher.target='logits'; allowed: auto, heads, features"),
+                       r"method.teacher.target='logits'; allowed: one of auto, heads, features"),
         "patch": ([f"method.teacher.checkpoint={dinov2_teacher}", "method.crops.global_size=26",
                    "model.patch_size=2", "method.crops.local_size=12"],
                   r"method.crops.global_size=26 is not a multiple of the teacher's patch size 4"),
@@ -285,7 +285,7 @@ def test_smoke_command_distils_into_a_narrower_student_load_backbone_reads(dinov
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssl_vit.train", "method=distill", f"method.teacher.checkpoint={dinov2_teacher}",
            "model.embed_dim=96", "data=synthetic", "trainer.max_steps=6", f"hydra.run.dir={out}",
-           "eval.final_knn=false", "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false"]
+           "eval.final_knn=false", "eval.knn_every_n_steps=0", "trainer.enable_progress_bar=false"]
     result = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

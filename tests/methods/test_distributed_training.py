@@ -29,12 +29,12 @@ def test_two_process_run_uses_the_global_batch_and_per_process_epochs(tmp_path):
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "ssl_vit.train", f"hydra.run.dir={out}",
-        "+trainer.strategy=ddp", "trainer.accelerator=cpu", f"trainer.devices={PROCESSES}",
+        "trainer=ddp", "trainer.accelerator=cpu", f"trainer.devices={PROCESSES}",
         "data=synthetic", f"data.options.num_samples={N_TRAIN}", "data.val_size=64", f"data.batch_size={BATCH}",
         "data.num_workers=0", "model.depth=1", "method.crops.n_local=2", "method.head.out_dim=64",
         "method.head.hidden_dim=64", "method.head.bottleneck_dim=16", "trainer.precision=32",
         "trainer.max_steps=-1", "trainer.max_epochs=1", "optim.warmup_epochs=0", "trainer.log_every_n_steps=1",
-        "eval.final_knn=false", "eval.knn_every_n_steps=0", "+trainer.enable_progress_bar=false",
+        "eval.final_knn=false", "eval.knn_every_n_steps=0", "trainer.enable_progress_bar=false",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -165,7 +165,6 @@ def test_lr_is_linearly_scaled_and_follows_the_paper_schedule_each_step():
     (["method.decoder.embed_dim=30"], r"method.decoder.embed_dim=30: the 2-D sin-cos positions need a multiple of 4"),
     (["method.mask_ratio=1.0"], r"method.mask_ratio=1.0; allowed: a number in \(0, 1\)"),
     (["method.mask_ratio=0.999"], r"method.mask_ratio=0.999 keeps int\(64 x \(1 - 0.999\)\) = 0"),
-    (["method.norm_pix_loss=maybe"], r"method.norm_pix_loss='maybe'; allowed: true, false"),
 ])
 def test_bad_mae_config_fails_before_training_naming_the_key(overrides, message):
     cfg = compose_train(MAE_TINY + overrides)

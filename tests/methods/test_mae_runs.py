@@ -23,7 +23,7 @@ def test_smoke_command_writes_a_checkpoint_load_backbone_reads_as_the_encoder(tm
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "ssl_vit.train", "method=mae", "data=synthetic", "trainer.max_steps=6",
            f"hydra.run.dir={out}", "eval.knn_every_n_steps=0",
-           "method.pictures.every_n_steps=3", "+trainer.enable_progress_bar=false"]
+           "method.pictures.every_n_steps=3", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

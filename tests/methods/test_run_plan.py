@@ -64,7 +64,7 @@ def test_steps_per_epoch_count_one_process_after_sharding_and_accumulation():
     with pytest.raises(ValueError, match="data.batch_size=8 is larger than the 4 training images each of the 4"):
         optimizer_steps_per_data_epoch(15, 8, 4, 1)
     cfg = compose_train(["data=synthetic", "data.batch_size=16", "trainer.devices=2",
-                         "+trainer.accumulate_grad_batches=2", "trainer.max_steps=-1", "trainer.max_epochs=3"])
+                         "trainer.accumulate_grad_batches=2", "trainer.max_steps=-1", "trainer.max_epochs=3"])
     datamodule = build_datamodule(cfg)
     datamodule.setup("fit")
     n = len(datamodule.train_dataset)
@@ -126,7 +126,7 @@ def test_accumulated_micro_batches_make_one_step_of_everything(name, monkeypatch
     cfg = compose_train(["data=synthetic"])
     datamodule = build_datamodule(cfg)
     knn, collapse, saves = EvaluationCounter(datamodule), CheckCounter(), SaveCounter(tmp_path)
-    _, _, method, trainer = fit([f"method={name}", "+trainer.accumulate_grad_batches=2"], max_steps=3,
+    _, _, method, trainer = fit([f"method={name}", "trainer.accumulate_grad_batches=2"], max_steps=3,
                                 callbacks=[knn, collapse, saves], accumulate_grad_batches=2)
     assert trainer.global_step == 3
     assert [args[2] for args in ema.calls] == [method.momentum_at(s) for s in range(3)]

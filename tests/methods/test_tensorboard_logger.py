@@ -10,7 +10,7 @@ from ssl_vit.train import run
 from training_helpers import TINY, compose_train
 
 QUICK = ["logger=tensorboard", "eval.final_knn=false", "eval.knn_every_n_steps=0", "trainer.log_every_n_steps=1",
-         "+trainer.enable_progress_bar=false", "model.depth=1", "checkpoint_every_n_steps=2"]
+         "trainer.enable_progress_bar=false", "model.depth=1", "checkpoint_every_n_steps=2"]
 
 
 def events(out):

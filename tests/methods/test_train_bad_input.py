@@ -17,7 +17,7 @@ FOLDER_RUN = [
     "data=imagefolder", "data.batch_size=4", "data.num_workers=0", "data.val_size=4", "model.depth=2",
     "method.crops.n_local=2", "method.head.out_dim=64", "method.head.hidden_dim=64",
     "method.head.bottleneck_dim=16", "method.ibot.head.out_dim=64", "trainer.precision=32",
-    "trainer.max_steps=3", "+trainer.enable_progress_bar=false", "logger=csv", "eval.knn_every_n_steps=0",
+    "trainer.max_steps=3", "trainer.enable_progress_bar=false", "logger=csv", "eval.knn_every_n_steps=0",
 ]
 
 

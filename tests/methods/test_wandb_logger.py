@@ -12,7 +12,7 @@ from wandb_records import history_rows, run_id
 from ssl_vit.train import run
 
 QUICK = ["logger=wandb", "logger.mode=offline", "eval.final_knn=false", "eval.knn_every_n_steps=0",
-         "trainer.log_every_n_steps=1", "+trainer.enable_progress_bar=false", "model.depth=1"]
+         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "model.depth=1"]
 
 
 def _run_files(out: Path) -> list[Path]:

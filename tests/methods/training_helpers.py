@@ -28,7 +28,7 @@ def fit(overrides: list[str], max_steps: int, callbacks=(), seed: int = 0, accel
     """Train with the real builders; returns (cfg, datamodule, method, trainer). Bit-for-bit
     deterministic on the CPU in fp32 (the default); on CUDA, as fast as cuDNN allows.
     ``trainer_kwargs`` go to the Trainer (e.g. ``accumulate_grad_batches``; give the same value
-    as an override, ``+trainer.accumulate_grad_batches=N``, so that the method plans for it).
+    as an override, ``trainer.accumulate_grad_batches=N``, so that the method plans for it).
     ``base``: the overrides the run starts from (the DINO-family TINY setting by default)."""
     cfg = compose_train(list(base) + [f"trainer.max_steps={max_steps}", f"seed={seed}"] + list(overrides))
     validate(cfg)

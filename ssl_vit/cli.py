@@ -1,0 +1,44 @@
+"""Exit codes of the command-line apps: a configuration that cannot run exits with 2 and a
+message naming the key (no traceback); anything else keeps Hydra's behaviour.
+
+Hydra reports what it refuses itself (an unknown group option, an override of a key the schema
+does not have, a value of the wrong type) and exits with 1 before the app's function starts;
+:func:`run_app` turns that into 2. The app's own configuration checks raise
+:class:`ssl_vit.schema.ConfigError`, which :func:`config_errors_exit` prints and turns into 2.
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable
+
+from ssl_vit.schema import ConfigError
+
+CONFIG_ERROR_EXIT_CODE = 2
+_started = False
+
+
+def config_errors_exit(task: Callable) -> Callable:
+    """Decorate a Hydra task function: a :class:`ConfigError` prints ``error: ...`` and exits 2."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        global _started
+        _started = True
+        try:
+            return task(*args, **kwargs)
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+    return wrapper
+
+
+def run_app(hydra_main: Callable[[], None]) -> None:
+    """Call a ``@hydra.main`` function; Hydra's own refusal of the command line exits 2."""
+    try:
+        hydra_main()
+    except SystemExit as exit_:
+        if exit_.code == 1 and not _started:
+            raise SystemExit(CONFIG_ERROR_EXIT_CODE) from None
+        raise

@@ -1,0 +1,37 @@
+"""The backbone (``conf/model/``): the arguments of ``VisionTransformer`` plus its name and
+optional initial weights."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from omegaconf import MISSING
+
+from ssl_vit.models.vision_transformer import FFN_LAYERS, POS_EMBEDS
+from ssl_vit.schema.fields import int_at_least, number_at_least, number_in, one_of, rule, setting
+
+
+@dataclass
+class ModelConfig:
+    name: str = setting(MISSING, "the preset's name (vit_tiny ... vit_giant, vit_cpu)")
+    img_size: int = setting(224, "the resolution the position table is built for (others interpolate)",
+                            **rule(int_at_least(1)))
+    patch_size: int = setting(16, "patch side in pixels", **rule(int_at_least(1)))
+    embed_dim: int = setting(768, "token width (a multiple of num_heads)", **rule(int_at_least(1)))
+    depth: int = setting(12, "transformer blocks", **rule(int_at_least(1)))
+    num_heads: int = setting(12, "attention heads", **rule(int_at_least(1)))
+    mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim", **rule(number_at_least(0, inclusive=False)))
+    qkv_bias: bool = setting(True, "bias in the qkv projection")
+    ffn_layer: str = setting("mlp", "mlp | swiglu", **rule(one_of(FFN_LAYERS)))
+    init_values: Optional[float] = setting(None, "LayerScale's initial value (null: no LayerScale)",
+                                           **rule(number_at_least(0, inclusive=False)))
+    drop_path_rate: float = setting(0.0, "stochastic depth of the student", **rule(number_in(0, 1, high_open=True)))
+    drop_path_uniform: bool = setting(False, "the same rate in every block (else linear in depth)")
+    num_register_tokens: int = setting(0, "register tokens", **rule(int_at_least(0)))
+    pos_embed: str = setting("learned", "learned | sincos | rope", **rule(one_of(POS_EMBEDS)))
+    rope_theta: float = setting(100.0, "2-D RoPE base period", **rule(number_at_least(0, inclusive=False)))
+    interpolate_offset: float = setting(0.0, "position interpolation offset (DINOv2's 0.1 for its weights)",
+                                        **rule(number_at_least(0)))
+    interpolate_antialias: bool = setting(False, "antialiased position interpolation")
+    norm_eps: float = setting(1e-6, "LayerNorm epsilon", **rule(number_at_least(0, inclusive=False)))
+    init: Optional[str] = setting(None, "start from these backbone weights (a checkpoint or an export)")
