@@ -28,6 +28,8 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
+from ssl_vit.cli import exit_2_on
+
 TEACHER_KEY = "method.teacher.checkpoint"
 
 
@@ -126,12 +128,9 @@ def run(cfg: DictConfig, run_dir: Path) -> list[dict[str, Any]]:
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="cascade")
+@exit_2_on(ValueError)
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":

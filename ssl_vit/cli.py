@@ -18,20 +18,29 @@ CONFIG_ERROR_EXIT_CODE = 2
 _started = False
 
 
-def config_errors_exit(task: Callable) -> Callable:
-    """Decorate a Hydra task function: a :class:`ConfigError` prints ``error: ...`` and exits 2."""
+def exit_2_on(*errors: type[BaseException]) -> Callable[[Callable], Callable]:
+    """Decorate a Hydra task function: the given errors print ``error: ...`` and exit 2 (the
+    tools whose every ValueError is about their input use ``exit_2_on(ValueError)``)."""
 
-    @functools.wraps(task)
-    def wrapper(*args, **kwargs):
-        global _started
-        _started = True
-        try:
-            return task(*args, **kwargs)
-        except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(CONFIG_ERROR_EXIT_CODE)
+    def decorate(task: Callable) -> Callable:
+        @functools.wraps(task)
+        def wrapper(*args, **kwargs):
+            global _started
+            _started = True
+            try:
+                return task(*args, **kwargs)
+            except errors as error:
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(CONFIG_ERROR_EXIT_CODE)
 
-    return wrapper
+        return wrapper
+
+    return decorate
+
+
+# Training: only configuration errors (found before any step); a ValueError during training is a
+# bug to show with its traceback.
+config_errors_exit = exit_2_on(ConfigError)
 
 
 def run_app(hydra_main: Callable[[], None]) -> None:

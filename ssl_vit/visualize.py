@@ -17,13 +17,14 @@ checkpoint stores its own). Unreadable files are skipped and counted.
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
+
+from ssl_vit.cli import exit_2_on
 
 log = logging.getLogger("ssl_vit.visualize")
 
@@ -111,12 +112,9 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="visualize")
+@exit_2_on(ValueError)
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg, Path(HydraConfig.get().runtime.output_dir))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
