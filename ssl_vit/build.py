@@ -25,9 +25,8 @@ from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
 from ssl_vit.schema import check_config
+from ssl_vit.schema.run import WANDB_MODES
 
-LOGGERS = ("csv", "wandb", "tensorboard")
-WANDB_MODES = ("auto", "online", "offline", "disabled")
 SINGLE_VIEW_AUGMENTATION = "mae"  # method.crops.augmentation of MAE's one-view pipeline
 
 
@@ -48,10 +47,6 @@ def validate(cfg: DictConfig) -> None:
                 f"method.crops.{key}={size} is not a multiple of model.patch_size={patch}; "
                 f"crop sizes must be positive multiples of the patch size"
             )
-    if cfg.logger.name not in LOGGERS:
-        raise ValueError(f"logger={cfg.logger.name!r}; allowed: {LOGGERS}")
-    if cfg.logger.name == "wandb":
-        wandb_mode(cfg.logger.mode)
     if cfg.get("ckpt_path") and not os.path.isfile(str(cfg.ckpt_path)):
         raise ValueError(f"ckpt_path={cfg.ckpt_path!r} is not a file; give a checkpoint of this framework to resume "
                          "from, or leave it null (a run resumes from DIR/checkpoints/last.ckpt by itself)")
@@ -59,10 +54,6 @@ def validate(cfg: DictConfig) -> None:
     if init and not os.path.isfile(str(init)):
         raise ValueError(f"model.init={init!r} is not a file; give a backbone checkpoint or export "
                          "(timm / DINO / DINOv2 / MAE weights, or an ssl_vit .ckpt / .safetensors)")
-    for key in ("knn_max_train", "knn_max_eval", "final_knn_max_train"):
-        limit = cfg.eval.get(key)
-        if limit is not None and (not isinstance(limit, int) or limit < 1):
-            raise ValueError(f"eval.{key}={limit!r}; allowed: a positive number of images, or null for all")
     if not cfg.trainer.max_steps or cfg.trainer.max_steps < 1:
         if not cfg.trainer.get("max_epochs"):
             raise ValueError("set trainer.max_steps (or trainer.max_epochs): schedules need a planned run length")

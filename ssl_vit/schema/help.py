@@ -41,7 +41,7 @@ def key_lines(schema: type, prefix: str, values: Any = None) -> list[str]:
         if dataclasses.is_dataclass(default):
             lines += key_lines(type(default), key, default)
             continue
-        if spec.name in ("method", "model", "data", "optim", "trainer", "logger") and not prefix:
+        if spec.name in ("method", "model", "optim", "trainer", "logger") and not prefix:
             continue  # the groups, listed with their own schemas
         shown = _shown(default)
         allowed = spec.metadata.get("allowed")

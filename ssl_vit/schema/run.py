@@ -13,6 +13,8 @@ PRECISIONS = ("auto", "64", "64-true", "32", "32-true", "16", "16-mixed", "16-tr
               "bf16-true")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fsdp", "deepspeed")
 DATA_SETS = ("fashion_mnist", "imagefolder", "synthetic")
+LOGGERS = ("csv", "wandb", "tensorboard")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
 def _devices_ok(value: Any) -> bool:
@@ -75,10 +77,10 @@ class DataConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = setting(MISSING, "csv | wandb | tensorboard", **rule(one_of(("csv", "wandb", "tensorboard"))))
+    name: str = setting(MISSING, "csv | wandb | tensorboard", **rule(one_of(LOGGERS)))
     project: Optional[str] = setting(None, "wandb project")
     mode: Optional[str] = setting(None, "wandb: auto (online with credentials, else offline) | online | offline "
-                                  "| disabled", **rule(one_of(("auto", "online", "offline", "disabled"))))
+                                  "| disabled", **rule(one_of(WANDB_MODES)))
 
 
 IMAGE_COUNT = {"allowed": "a positive number of images, or null for all", "ok": int_at_least(1)[1]}
