@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, ListConfig
 
-from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint
+from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint, StepSeeds
 from ssl_vit.callbacks.pictures import FeaturePictures
 from ssl_vit.callbacks.reconstruction import ReconstructionPictures
 from ssl_vit.config import backbone_arch, to_dict
@@ -24,6 +24,7 @@ from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
 from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
 from ssl_vit.precision import AUTO, resolve_precision
+from ssl_vit.resume import default_checkpoint
 from ssl_vit.schema import check_config
 from ssl_vit.schema.run import WANDB_MODES
 
@@ -270,7 +271,9 @@ def knn_requested(cfg: DictConfig) -> bool:
 def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn: bool = True) -> L.Trainer:
     """The Trainer of ``cfg``; ``knn=False`` leaves the k-NN monitor out (data without labels)."""
     ckpt_dir = out_dir / "checkpoints"
-    callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
+    saving = LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps, cfg.get("checkpoint_every_n_minutes"),
+                            cfg.get("checkpoint_keep", 2))
+    callbacks: list[Any] = [saving, CollapseMonitor(), StepSeeds(cfg.seed)]
     if cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     # The pictures show fixed validation images when the run has a validation split to draw on
@@ -297,14 +300,13 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
         logger=build_logger(cfg, out_dir),
         callbacks=callbacks,
         enable_checkpointing=False,  # LastCheckpoint writes the one checkpoint a run keeps
+        use_distributed_sampler=False,  # the data module's TrainSampler shards by rank itself
         num_sanity_val_steps=0,
     )
 
 
 def resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
-    if cfg.ckpt_path:
-        if not os.path.isfile(cfg.ckpt_path):
-            raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
-        return str(cfg.ckpt_path)
-    last = out_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
+    """``ckpt_path``, else the newest complete checkpoint of DIR/checkpoints/ (None: a new run)."""
+    if cfg.ckpt_path and not os.path.isfile(cfg.ckpt_path):
+        raise FileNotFoundError(f"ckpt_path={cfg.ckpt_path!r} does not exist")
+    return default_checkpoint(cfg, out_dir)

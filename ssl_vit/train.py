@@ -23,10 +23,14 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
 from ssl_vit.build import (
-    build_datamodule, build_method, build_trainer, knn_requested, random_init_backbone, resolved_world_size,
-    resume_path, validate,
+    build_datamodule, build_method, build_trainer, knn_requested, plan_run, random_init_backbone,
+    resolved_world_size, validate,
 )
+from ssl_vit.checkpoints import remove_stale_temporaries
+from ssl_vit.resume import ResumeChoice, choose_resume, load_weights, set_aside_checkpoints
 from ssl_vit.callbacks import LastCheckpoint
 from ssl_vit.callbacks.knn import knn_accuracies
 from ssl_vit.cli import config_errors_exit, run_app
@@ -56,11 +60,14 @@ def last_checkpoint(trainer: L.Trainer) -> LastCheckpoint:
 
 
 def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
-    datamodule, method, trainer, knn_skipped = prepare(cfg, out_dir)
+    datamodule, method, trainer, knn_skipped, start = prepare(cfg, out_dir)
     # The EMA teacher is kept in eval mode on purpose (no drop path, never trained by gradients).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+    # The data module resumes mid-epoch through its own state (ssl_vit.data.sampler), which
+    # Lightning's check for resumable DataLoaders does not see.
+    warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
     try:
-        return train_and_evaluate(cfg, out_dir, datamodule, method, trainer, knn_skipped)
+        return train_and_evaluate(cfg, out_dir, datamodule, method, trainer, knn_skipped, start.ckpt_path)
     finally:
         close_loggers(trainer)
 
@@ -86,14 +93,32 @@ def prepare(cfg: DictConfig, out_dir: Path):
             log.warning("k-NN evaluation is skipped: %s; training on all of them", knn_skipped)
         elif knn_requested(cfg):
             datamodule.check_knn_splits()  # an evaluation split too small fails now, not after training
+        start = start_point(cfg, out_dir, datamodule)
         trainer = build_trainer(cfg, out_dir, datamodule, knn=not knn_skipped)
         # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
         method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
+        if start.weights_from:
+            load_weights(method, start.weights_from)
     except ConfigError:
         raise
     except (ValueError, TypeError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from error
-    return datamodule, method, trainer, knn_skipped
+    return datamodule, method, trainer, knn_skipped, start
+
+
+def start_point(cfg: DictConfig, out_dir: Path, datamodule) -> ResumeChoice:
+    """Where training starts: afresh, from a checkpoint, or from a checkpoint's weights with new
+    schedules (``resume.schedule``, :mod:`ssl_vit.resume`). Leftovers of a killed checkpoint
+    write are removed first (by the first process only)."""
+    if rank_zero_only.rank == 0:
+        remove_stale_temporaries(out_dir / "checkpoints")
+    start = choose_resume(cfg, out_dir, plan_run(cfg, datamodule))
+    if start.weights_from and Path(start.weights_from).parent == out_dir / "checkpoints":
+        moved = set_aside_checkpoints(out_dir, start.step)
+        start = ResumeChoice(weights_from=str(moved / Path(start.weights_from).name), step=start.step)
+    if start.ckpt_path and rank_zero_only.rank == 0:
+        print(f"resuming from {start.ckpt_path} at step {start.step}", flush=True)
+    return start
 
 
 def close_loggers(trainer: L.Trainer) -> None:
@@ -104,10 +129,10 @@ def close_loggers(trainer: L.Trainer) -> None:
 
 
 def train_and_evaluate(cfg: DictConfig, out_dir: Path, datamodule, method, trainer: L.Trainer,
-                       knn_skipped: str | None) -> dict[str, float]:
+                       knn_skipped: str | None, ckpt_path: str | None) -> dict[str, float]:
     fit_start = time.perf_counter()
     try:
-        trainer.fit(method, datamodule=datamodule, ckpt_path=resume_path(cfg, out_dir))
+        trainer.fit(method, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:
         # Lightning ends fit with exit code 0 on SIGTERM; a scheduler must see the run as stopped.
         saved = last_checkpoint(trainer)

@@ -24,7 +24,11 @@ With the weights, the iBOT loss of DINOv2 is
 ``-(sum over masked tokens of weight * sum_k t_k log s_k) / (n_global*B)``: a mean over the masked
 patches of each image, then over all global crops (unmasked crops count as zero).
 
-Randomness: a numpy Generator owned by the collator. In the main process it is seeded by ``seed``
+Randomness: when the samples are triples ``(crops, label, seed)`` (the training sampler's keys,
+see :mod:`ssl_vit.data.sampler`), each batch's masks come from a generator seeded by the
+collator's seed and the batch's sample seeds: the same batch gets the same masks in any worker,
+in any process of a distributed run, and after a resume. For plain pairs, a numpy Generator
+owned by the collator: in the main process it is seeded by ``seed``
 (or, when ``seed`` is None, from torch's global RNG at the first batch). Inside a DataLoader
 worker it is re-seeded from ``(seed, worker_info.seed)`` the first time the worker uses it, so
 workers draw different masks, and new workers of a later epoch draw new ones; the DataLoader's
@@ -86,6 +90,8 @@ class MultiCropCollator:
         generator: an explicit numpy Generator to use instead (never re-seeded).
     """
 
+    accepts_sample_seeds = True  # the data module then hands it (crops, label, seed) triples
+
     def __init__(
         self,
         mask_generator: Optional[BlockMaskGenerator],
@@ -146,6 +152,12 @@ class MultiCropCollator:
             f"n_global={self.n_global}, seed={self.seed})"
         )
 
+    def batch_rng(self, sample_seeds: Sequence[int]) -> np.random.Generator:
+        """The masks' generator for a batch whose samples carry seeds (the training sampler's):
+        a function of the collator's seed and the batch's sample seeds only, so a batch gets the
+        same masks in any worker, after a resume, and on whichever process draws it."""
+        return np.random.default_rng([0 if self.seed is None else int(self.seed), *sample_seeds])
+
     def num_masked_crops(self, n_crops: int) -> int:
         """``floor(mask_probability * n_crops)`` (a 1e-9 slack absorbs float error, 0.29*100)."""
         return int(math.floor(self.mask_probability * n_crops + 1e-9))
@@ -191,11 +203,16 @@ class MultiCropCollator:
             raise ValueError("cannot collate an empty batch")
         crops_per_sample: List[List[torch.Tensor]] = []
         labels: List[int] = []
+        seeds: List[int] = []
         for i, sample in enumerate(samples):
             if isinstance(sample, (tuple, list)) and len(sample) == 2:
                 crops, label = sample
+            elif isinstance(sample, (tuple, list)) and len(sample) == 3:
+                crops, label, sample_seed = sample
+                seeds.append(int(sample_seed))
             else:
-                raise ValueError(f"sample {i} must be a pair (crops, label), got {type(sample).__name__}")
+                raise ValueError(f"sample {i} must be a pair (crops, label) or a triple (crops, label, seed), "
+                                 f"got {type(sample).__name__}")
             crops = list(crops)
             crops_per_sample.append(crops)
             labels.append(_label_to_int(label))
@@ -216,7 +233,9 @@ class MultiCropCollator:
         else:
             local_crops = global_crops.new_empty((0, global_crops.shape[1], 0, 0))
 
-        masks = self.make_masks(g * B)
+        if seeds and len(seeds) != B:
+            raise ValueError(f"{len(seeds)} of the {B} samples carry a seed: give one to every sample or to none")
+        masks = self.make_masks(g * B, rng=self.batch_rng(seeds) if seeds else None)
         counts = masks.sum(dim=1)
         masked_indices = masks.reshape(-1).nonzero().reshape(-1)
         per_crop_weight = 1.0 / counts.clamp(min=1).to(torch.float32)

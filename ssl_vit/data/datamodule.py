@@ -1,8 +1,10 @@
 """``SSLDataModule``: the data sets of :mod:`ssl_vit.data` behind one Lightning DataModule.
 
 - ``train_dataloader()``: the ``train`` split through ``train_transform`` (any callable on a PIL
-  image, e.g. the multi-crop transform) and ``collate_fn``; shuffled with an order that depends
-  only on ``(seed, epoch)``, ``drop_last=True``, persistent workers when ``num_workers > 0``.
+  image, e.g. the multi-crop transform) and ``collate_fn``; order and augmentation are pure
+  functions of ``(seed, epoch, image)`` (:mod:`ssl_vit.data.sampler`), sharded over the
+  Trainer's processes and resumed mid-epoch from a checkpoint; ``drop_last=True``, persistent
+  workers when ``num_workers > 0``.
   Items given to ``collate_fn`` are ``(train_transform(rgb_image), label)``.
 - ``knn_dataloaders(split)``: ``(bank loader, query loader)`` of labelled, un-augmented images
   through ``eval_transform`` for k-NN evaluation: ``split="val"`` pairs the ``train`` split with
@@ -30,7 +32,6 @@ from torch.utils.data._utils.collate import default_collate
 from ssl_vit.data import imagefolder, synthetic
 from ssl_vit.data.datasets import (
     DATASET_NAMES,
-    EpochShuffleSampler,
     LabelledSubset,
     TransformedDataset,
     build_datasets,
@@ -38,6 +39,7 @@ from ssl_vit.data.datasets import (
     get_targets,
     split_indices,
 )
+from ssl_vit.data.sampler import TrainSampler
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
 
 logger = logging.getLogger("ssl_vit.data")
@@ -171,7 +173,8 @@ class SSLDataModule(L.LightningDataModule):
         self.train_transform = train_transform or self.eval_transform
         self.collate_fn = collate_fn or default_collate
         self._datasets: dict[str, Dataset] = {}
-        self.train_sampler: EpochShuffleSampler | None = None
+        self.train_sampler: TrainSampler | None = None
+        self._resume_batches = 0  # set from a checkpoint: where the training order continues
 
     # -- data sets ------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -236,7 +239,14 @@ class SSLDataModule(L.LightningDataModule):
                 f"data set {self.dataset_name!r}: with drop_last=True not one batch would be formed; "
                 "lower data.batch_size (or add images)"
             )
-        self.train_sampler = EpochShuffleSampler(len(dataset), seed=self.seed)
+        rank, world_size = self._process_position()
+        self.train_sampler = TrainSampler(len(dataset), self.batch_size, seed=self.seed, rank=rank,
+                                          world_size=world_size)
+        if self._resume_batches:
+            self.train_sampler.resume_at(self._resume_batches)
+            self._resume_batches = 0
+        # A collate function that draws randomness per batch (iBOT's masks) gets the samples' seeds.
+        dataset.with_seeds = bool(getattr(self.collate_fn, "accepts_sample_seeds", False))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -248,6 +258,13 @@ class SSLDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(self.seed),  # seeds the worker processes
         )
+
+    def _process_position(self) -> tuple[int, int]:
+        """(rank, number of processes) of the Trainer this module is attached to; (0, 1) alone."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
 
     def knn_dataloaders(
         self,
@@ -345,7 +362,13 @@ class SSLDataModule(L.LightningDataModule):
         return {"fashion_mnist": 5000, "synthetic": 1000}.get(self.dataset_name)  # imagefolder: 10%, <= 5000
 
     def state_dict(self) -> dict[str, Any]:
-        return {"describe": self.describe()}
+        """The preprocessing, and where the training data order stands: the batches per process
+        behind the checkpoint's optimizer steps (a resumed run continues from the next one)."""
+        state: dict[str, Any] = {"describe": self.describe()}
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            state["batches_done"] = int(trainer.global_step) * int(trainer.accumulate_grad_batches)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         old = state_dict.get("describe", {})
@@ -353,3 +376,4 @@ class SSLDataModule(L.LightningDataModule):
         for key in ("dataset", "seed", "split_seed", "val_size", "resolution", "mean", "std"):
             if key in old and old[key] != new[key]:
                 logger.warning("the checkpoint was trained with data.%s=%r, this run uses %r", key, old[key], new[key])
+        self._resume_batches = int(state_dict.get("batches_done", 0))

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ssl_vit.data.sampler import SampleKey
+
 logger = logging.getLogger("ssl_vit.data")
 
 DATASET_NAMES = ("fashion_mnist", "imagefolder", "synthetic")
@@ -144,6 +146,11 @@ class TransformedDataset(Dataset):
 
     ``three_channels=True`` also replicates a 1-channel tensor output of ``transform`` to 3
     channels, for evaluation transforms that do not handle grayscale themselves.
+
+    Indexed by a :class:`~ssl_vit.data.sampler.SampleKey` (the training sampler's), the transform
+    draws from torch's generator seeded by the key's seed (restored afterwards), so an image's
+    crops depend only on the key; ``with_seeds=True`` then returns ``(image, label, seed)`` for
+    a collate function that derives its own randomness (iBOT's masks) from the batch's seeds.
     """
 
     def __init__(
@@ -152,8 +159,10 @@ class TransformedDataset(Dataset):
         transform: Callable | None = None,
         to_rgb: bool = True,
         three_channels: bool = False,
+        with_seeds: bool = False,
     ):
         self.dataset = dataset
+        self.with_seeds = with_seeds
         self.transform = transform
         self.to_rgb = to_rgb
         self.three_channels = three_channels
@@ -163,14 +172,22 @@ class TransformedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
+    def __getitem__(self, index: int | SampleKey):
+        key = index if isinstance(index, SampleKey) else None
+        image, label = self.dataset[int(index[0] if key else index)]
         if self.to_rgb and hasattr(image, "mode") and image.mode != "RGB":
             image = image.convert("RGB")
         if self.transform is not None:
-            image = self.transform(image)
+            if key is None:
+                image = self.transform(image)
+            else:  # the sample's own random stream, whichever process or worker runs it
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(key.seed)
+                    image = self.transform(image)
         if self.three_channels:
             image = ensure_three_channels(image)
+        if key is not None and self.with_seeds:
+            return image, label, key.seed
         return image, label
 
 

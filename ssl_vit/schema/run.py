@@ -15,6 +15,7 @@ STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_find_unused_parameters_true", "fs
 DATA_SETS = ("fashion_mnist", "imagefolder", "synthetic")
 LOGGERS = ("csv", "wandb", "tensorboard")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+RESUME_SCHEDULES = ("error", "extend", "restart")
 
 
 def _devices_ok(value: Any) -> bool:
@@ -60,6 +61,9 @@ class TrainerConfig:
     log_every_n_steps: int = setting(10, "logging interval in steps", **rule(int_at_least(1)))
     accumulate_grad_batches: int = setting(1, "micro-batches per optimizer step", **rule(int_at_least(1)))
     enable_progress_bar: bool = setting(True, "the tqdm progress bar (false: quiet logs)")
+    deterministic: Any = setting(False, "deterministic algorithms only (true; warn: 'warn'): bit-identical reruns "
+                                 "on the same machine", allowed="true, false or warn",
+                                 ok=lambda v: v in (True, False, "warn"))
 
 
 @dataclass
@@ -105,6 +109,13 @@ class EvalConfig:
 
 
 @dataclass
+class ResumeConfig:
+    schedule: str = setting("error", "when the checkpoint was planned for another length or batch: error | "
+                            "extend (re-plan the schedules, continue) | restart (new schedules from step 0 with "
+                            "the checkpoint's weights)", **rule(one_of(RESUME_SCHEDULES)))
+
+
+@dataclass
 class TrainConfig:
     """The top level of ``conf/train.yaml``; the groups have their own schemas."""
 
@@ -123,9 +134,17 @@ class TrainConfig:
                                              "training data)", **rule(int_at_least(1)))
     checkpoint_every_n_steps: int = setting(50, "checkpoint interval in optimizer steps (0: only at the end)",
                                             **rule(int_at_least(0)))
+    checkpoint_every_n_minutes: Optional[float] = setting(
+        None, "also checkpoint when this many minutes have passed since the last one (null: by steps only)",
+        allowed="a positive number of minutes, or null", ok=lambda v: isinstance(v, (int, float))
+        and not isinstance(v, bool) and v > 0)
+    checkpoint_keep: int = setting(2, "checkpoints kept in DIR/checkpoints/ (step-*.ckpt, the newest also as "
+                                   "last.ckpt); a resume falls back to an older one when the newest is cut short",
+                                   **rule(int_at_least(1)))
+    resume: ResumeConfig = setting(help="resuming a run whose plan changed", factory=ResumeConfig)
     eval: EvalConfig = setting(help="evaluation during and after training", factory=EvalConfig)
     cascade: Any = setting(None, "set by cascade recipes only (python -m ssl_vit.cascade runs them)",
                            allowed="null (a cascade runs with python -m ssl_vit.cascade)", ok=lambda v: v is None)
 
 
-__all__ = ["DataConfig", "EvalConfig", "LoggerConfig", "PicturesConfig", "TrainConfig", "TrainerConfig"]
+__all__ = ["DataConfig", "EvalConfig", "LoggerConfig", "PicturesConfig", "ResumeConfig", "TrainConfig", "TrainerConfig"]

@@ -92,9 +92,43 @@ def test_sigterm_writes_a_checkpoint_and_exits_143_then_the_run_resumes(tmp_path
     assert path == out / "checkpoints" / "last.ckpt"
     assert torch.load(path, weights_only=False)["global_step"] == step >= 3
 
-    # The same command resumes from that step (here to two steps further); every step logged once.
-    done = subprocess.run(_train_cmd(out, step + 2), cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    # A longer run from there re-plans every schedule: refused until the choice is explicit.
+    refused = subprocess.run(_train_cmd(out, step + 2), cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode == 2, refused.stdout[-3000:] + refused.stderr[-3000:]
+    assert f"total_steps 10000 -> {step + 2}" in refused.stderr and "resume.schedule=extend" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert torch.load(path, weights_only=False)["global_step"] == step  # nothing trained or written
+
+    # Resumed from that step with the schedules re-planned (two steps further); every step logged once.
+    done = subprocess.run(_train_cmd(out, step + 2) + ["resume.schedule=extend"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"resuming from {path} at step {step}" in done.stdout
     steps = _logged_steps(out)
     assert steps == list(range(step + 2)), Counter(steps)
+
+
+def test_restart_starts_new_schedules_from_the_checkpoint_weights(tmp_path):
+    """resume.schedule=restart: the old checkpoints move aside, the new run counts from step 0
+    with a fresh warm-up, and its student starts from the checkpoint's weights."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    first = subprocess.run(_train_cmd(out, 4) + ["optim.warmup_epochs=0"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    trained = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+    again = subprocess.run(_train_cmd(out, 3) + ["resume.schedule=restart", "optim.warmup_epochs=0",
+                                                 "optim.lr=1e-20", "optim.min_lr=0"],
+                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resume.schedule=restart: new schedules from step 0" in again.stdout + again.stderr
+    aside = out / "checkpoints-before-restart-4"
+    assert torch.load(aside / "last.ckpt", weights_only=False)["global_step"] == 4  # kept, not overwritten
+    restarted = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert restarted["global_step"] == 3
+    # With lr 1e-20 the student barely moves: it still holds the weights the restart loaded.
+    student = [name for name in trained if name.startswith("student.")]
+    assert student and all(torch.allclose(trained[n], restarted["state_dict"][n], rtol=0, atol=1e-12)
+                           for n in student)

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ssl_vit.build import build_datamodule, build_method, validate
+from ssl_vit.data.sampler import SampleKey, sample_seed
 from ssl_vit.methods.mae import MAE
 from ssl_vit.models.pos_embed import sincos_2d_table
 from tests.methods.training_helpers import compose_train
@@ -177,9 +178,12 @@ def test_training_batches_are_one_augmented_view_per_image():
     images, labels = next(iter(datamodule.train_dataloader()))
     assert images.shape == (16, 3, 32, 32) and labels.shape == (16,)
     assert images.dtype == torch.float32
-    again, _ = next(iter(datamodule.train_dataloader()))
-    # Random crops: the same images, cropped anew each pass.
-    assert not torch.equal(images, again)
+    # Random crops, a function of (seed, epoch, image): the same image is cropped anew in the
+    # next epoch, and identically whenever the same epoch comes again (a resume, another worker).
+    dataset = datamodule.train_dataloader().dataset
+    first, second = (dataset[SampleKey(0, sample_seed(0, epoch, 0))][0] for epoch in (0, 1))
+    assert not torch.equal(first, second)
+    assert torch.equal(first, dataset[SampleKey(0, sample_seed(0, 0, 0))][0])
 
 
 def test_method_is_mae_with_its_encoder_as_the_evaluated_backbone():

@@ -35,10 +35,10 @@ def test_a_resumed_run_drops_the_events_logged_after_its_checkpoint(tmp_path):
     ckpt = out / "checkpoints" / "last.ckpt"
     run(compose_train(TINY + QUICK + ["trainer.max_steps=2"]), out)
     step2 = ckpt.read_bytes()
-    run(compose_train(TINY + QUICK + ["trainer.max_steps=4"]), out)  # logs steps 2 and 3
+    run(compose_train(TINY + QUICK + ["trainer.max_steps=4", "resume.schedule=extend"]), out)  # logs steps 2, 3
     # As if that run had died after step 3 with its last checkpoint at step 2:
     ckpt.write_bytes(step2)
-    run(compose_train(TINY + QUICK + ["trainer.max_steps=4"]), out)  # trains steps 2 and 3 again
+    run(compose_train(TINY + QUICK + ["trainer.max_steps=4", "resume.schedule=extend"]), out)  # steps 2, 3 again
     steps = [e.step for e in events(out).Scalars("loss")]
     assert steps == [0, 1, 2, 3], steps
 

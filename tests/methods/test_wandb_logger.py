@@ -43,7 +43,8 @@ def test_offline_wandb_run_logs_every_step_and_resumes_the_same_run(tmp_path, mo
     assert rows[0]["schedule/lr"] == pytest.approx(0.0)  # the warm-up starts at 0
 
     # Resumed in the same folder: the same wandb run id, and only the new steps.
-    assert run(compose_train(TINY + QUICK + ["trainer.max_steps=5"]), out)["global_step"] == 5
+    resumed = compose_train(TINY + QUICK + ["trainer.max_steps=5", "resume.schedule=extend"])
+    assert run(resumed, out)["global_step"] == 5
     files = _run_files(out)
     assert len(files) == 2 and all(run_id(f) == kept_id for f in files)
     second = next(f for f in files if f != first)
