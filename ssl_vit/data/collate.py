@@ -45,7 +45,7 @@ import torch
 
 from ssl_vit.data.masking import BlockMaskGenerator, seed_from_torch
 
-__all__ = ["MultiCropCollator", "stratified_mask_targets"]
+__all__ = ["MultiCropCollator", "mask_fields", "stratified_mask_targets"]
 
 
 def stratified_mask_targets(
@@ -61,6 +61,20 @@ def stratified_mask_targets(
     edges = np.linspace(ratio_range[0], ratio_range[1], n_masked + 1)
     ratios = rng.uniform(edges[:-1], edges[1:])
     return [int(num_patches * float(r)) for r in ratios]
+
+
+def mask_fields(masks: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The batch entries derived from the ``(n_global*B, N)`` masks (see the module docstring):
+    ``masks``, ``n_masked_patches``, ``n_masked_crops``, ``mask_weights``, ``masked_indices``."""
+    counts = masks.sum(dim=1)
+    per_crop_weight = 1.0 / counts.clamp(min=1).to(torch.float32)
+    return {
+        "masks": masks,
+        "n_masked_patches": counts.sum(),
+        "n_masked_crops": (counts > 0).sum(),
+        "mask_weights": per_crop_weight.unsqueeze(1).expand_as(masks)[masks],
+        "masked_indices": masks.reshape(-1).nonzero().reshape(-1),
+    }
 
 
 def _label_to_int(label: Any) -> int:
@@ -236,17 +250,9 @@ class MultiCropCollator:
         if seeds and len(seeds) != B:
             raise ValueError(f"{len(seeds)} of the {B} samples carry a seed: give one to every sample or to none")
         masks = self.make_masks(g * B, rng=self.batch_rng(seeds) if seeds else None)
-        counts = masks.sum(dim=1)
-        masked_indices = masks.reshape(-1).nonzero().reshape(-1)
-        per_crop_weight = 1.0 / counts.clamp(min=1).to(torch.float32)
-        mask_weights = per_crop_weight.unsqueeze(1).expand_as(masks)[masks]
         return {
             "global_crops": global_crops,
             "local_crops": local_crops,
-            "masks": masks,
             "labels": torch.tensor(labels, dtype=torch.long),
-            "n_masked_patches": counts.sum(),
-            "n_masked_crops": (counts > 0).sum(),
-            "mask_weights": mask_weights,
-            "masked_indices": masked_indices,
+            **mask_fields(masks),
         }

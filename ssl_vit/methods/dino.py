@@ -29,6 +29,7 @@ def split_crops(logits: torch.Tensor, n_crops: int) -> list[torch.Tensor]:
 class DINO(SelfDistillationMethod):
     name = "dino"
     default_teacher_temp_schedule = "per_epoch"  # DINO's table: constant within an epoch
+    masks_student = False
 
     def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         head = self.cfg["head"]

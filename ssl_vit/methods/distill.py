@@ -48,6 +48,7 @@ class Distillation(SelfDistillationMethod):
     freeze_last_layer_by_lr = True  # DINOv2's way: lr 0 for the prototypes during the first epoch
     ema_attribute = "student_ema"  # the final model; "teacher" is the frozen pretrained one
     ema_momentum_key = "ema_momentum"
+    masks_student = False
 
     def build_student(self, arch: dict[str, Any]) -> nn.ModuleDict:
         cfg = self.cfg

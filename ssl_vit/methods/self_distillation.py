@@ -59,6 +59,8 @@ class SelfDistillationMethod(L.LightningModule):
     ema_attribute = "teacher"
     # The method key of the EMA momentum's start value (cosine to 1 over the run).
     ema_momentum_key = "momentum_teacher"
+    # Whether the student's global crops are masked (iBOT): otherwise the backbone's mask token is frozen.
+    masks_student = True
 
     def __init__(
         self,
@@ -77,6 +79,9 @@ class SelfDistillationMethod(L.LightningModule):
         self.preprocessing = preprocessing or {}
 
         self.student = self.build_student(arch)
+        if not self.masks_student:
+            # Never used without masking: frozen, so that DDP does not wait for its gradient.
+            self.student.backbone.mask_token.requires_grad_(False)
         setattr(self, self.ema_attribute, copy_student_to_teacher(self.student))
 
         def steps(epochs: float) -> int:
