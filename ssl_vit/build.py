@@ -23,6 +23,7 @@ from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
 from ssl_vit.methods import METHODS
 from ssl_vit.models.load import initial_weights_for
+from ssl_vit.models.vision_transformer import VisionTransformer
 from ssl_vit.precision import AUTO, resolve_precision
 from ssl_vit.resume import default_checkpoint
 from ssl_vit.schema import check_config
@@ -178,6 +179,10 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
     )
     if cfg.model.get("init"):  # student and teacher start from the same outside weights
         method.load_backbone_weights(initial_weights_for(cfg.model.init, backbone_arch(cfg.model)))
+    if cfg.model.get("activation_checkpointing"):
+        for module in method.modules():
+            if isinstance(module, VisionTransformer):
+                module.set_grad_checkpointing(True)
     return method
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ssl_vit.models.block import FFN_LAYERS, Block
 from ssl_vit.models.patch_embed import PatchEmbed
@@ -91,7 +92,20 @@ class VisionTransformer(nn.Module):
             for rate in rates
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.grad_checkpointing = False  # set_grad_checkpointing(): a training option, not architecture
         self.init_weights()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing per block: while gradients are recorded, each block keeps only
+        its input and recomputes its activations in the backward pass (about one more forward of
+        compute for activation memory of one block instead of all). Drop path draws the same
+        masks in the recomputation (the random state is restored)."""
+        self.grad_checkpointing = bool(enable)
+
+    def run_block(self, block_fn, *inputs):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block_fn, *inputs, use_reentrant=False)
+        return block_fn(*inputs)
 
     # ------------------------------------------------------------------ init
     def init_weights(self) -> None:
@@ -171,7 +185,7 @@ class VisionTransformer(nn.Module):
         x, grid = self.prepare_tokens(images, masks)
         rope = self.rope_tables(grid)
         for block in self.blocks:
-            x = block(x, rope)
+            x = self.run_block(block, x, rope)
         return self.split_tokens(x)
 
     def forward_features_list(self, images: list[torch.Tensor], masks=None) -> list[dict]:
@@ -184,7 +198,7 @@ class VisionTransformer(nn.Module):
         xs = [x for x, _ in prepared]
         ropes = [self.rope_tables(grid) for _, grid in prepared]
         for block in self.blocks:
-            xs = block.forward_list(xs, ropes)
+            xs = self.run_block(block.forward_list, xs, ropes)
         return [self.split_tokens(x) for x in xs]
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,7 +226,7 @@ class VisionTransformer(nn.Module):
             prefix.append(self.register_tokens.expand(batch, -1, -1))
         x = torch.cat(prefix + [x], dim=1)
         for block in self.blocks:
-            x = block(x)
+            x = self.run_block(block, x)
         return self.split_tokens(x)
 
     @torch.no_grad()

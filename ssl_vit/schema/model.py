@@ -35,3 +35,5 @@ class ModelConfig:
     interpolate_antialias: bool = setting(False, "antialiased position interpolation")
     norm_eps: float = setting(1e-6, "LayerNorm epsilon", **rule(number_at_least(0, inclusive=False)))
     init: Optional[str] = setting(None, "start from these backbone weights (a checkpoint or an export)")
+    activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass "
+                                             "(less memory, about a third more compute)")
