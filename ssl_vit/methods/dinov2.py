@@ -15,7 +15,7 @@ from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_global_per_module
 from ssl_vit.methods.dino import split_crops
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
-from ssl_vit.models.heads import DINOHead
+from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
 
@@ -49,8 +49,9 @@ class DINOv2(SelfDistillationMethod):
     @torch.no_grad()
     def teacher_targets(self, globals_: torch.Tensor, masks: torch.Tensor, temp: float):
         out = self.teacher.backbone.forward_features(globals_)
-        cls_logits = self.teacher.dino_head(out["x_norm_clstoken"])
-        patch_logits = self.patch_head(self.teacher)(out["x_norm_patchtokens"][masks])  # (M, K), row-major
+        cls_logits, patch_logits = cls_and_patch_logits(  # patches: (M, K), the masked ones, row-major
+            self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
+            out["x_norm_patchtokens"][masks])
         if self.cfg["centering"] == "sinkhorn_knopp":
             cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
             patch_targets = self.ibot_loss.sinkhorn_teacher(patch_logits, temp)
@@ -74,8 +75,8 @@ class DINOv2(SelfDistillationMethod):
         else:
             out_global = self.student.backbone.forward_features(globals_, masks)
             cls_tokens = out_global["x_norm_clstoken"]
-        student_cls_logits = self.student.dino_head(cls_tokens)
-        student_patch_logits = self.patch_head(self.student)(out_global["x_norm_patchtokens"][masks])
+        student_cls_logits, student_patch_logits = cls_and_patch_logits(
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_patchtokens"][masks])
 
         dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
         ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,

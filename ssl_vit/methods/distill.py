@@ -40,7 +40,7 @@ from ssl_vit.methods.dinov2 import CENTERINGS
 from ssl_vit.methods.frozen_teacher import KEY, FrozenTeacher, read_teacher_file, resolve_target
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
 from ssl_vit.models import build_backbone
-from ssl_vit.models.heads import DINOHead
+from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
 
 
 class Distillation(SelfDistillationMethod):
@@ -90,8 +90,8 @@ class Distillation(SelfDistillationMethod):
     def teacher_targets(self, globals_: torch.Tensor, grid: tuple[int, int], temp: float):
         """Teacher logits and targets of the [CLS] (2B, K) and of every patch token (2B, N, K)."""
         cls_tokens, patch_tokens = self.teacher.tokens(globals_, grid)
-        cls_logits = self.teacher.heads["dino_head"](cls_tokens)
-        patch_logits = self.teacher.patch_head(patch_tokens)
+        cls_logits, patch_logits = cls_and_patch_logits(self.teacher.heads["dino_head"], cls_tokens,
+                                                        self.teacher.patch_head, patch_tokens)
         flat = patch_logits.flatten(0, 1)
         if self.cfg["centering"] == "sinkhorn_knopp":
             cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
@@ -116,8 +116,8 @@ class Distillation(SelfDistillationMethod):
         outs = self.student.backbone.forward_features([globals_, locals_] if n_local else [globals_])
         out_global = outs[0]
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])
-        student_cls_logits = self.student.dino_head(cls_tokens)
-        student_patch_logits = self.patch_head(self.student)(out_global["x_norm_patchtokens"])
+        student_cls_logits, student_patch_logits = cls_and_patch_logits(
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_patchtokens"])
 
         dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
         ibot = self.ibot_loss.forward_all(student_patch_logits, patch_targets)

@@ -19,7 +19,7 @@ from torch import nn
 from ssl_vit.losses import check_finite
 from ssl_vit.losses.mae import mae_loss
 from ssl_vit.methods.mae_masking import kept_patches, random_masking
-from ssl_vit.methods.param_groups import apply_lr_wd, build_param_groups
+from ssl_vit.methods.param_groups import adamw, apply_lr_wd, build_param_groups
 from ssl_vit.methods.schedules import HalfCycleCosineSchedule, scaled_lr
 from ssl_vit.models import build_backbone
 from ssl_vit.models.mae_decoder import MAEDecoder, check_decoder_shape
@@ -140,7 +140,8 @@ class MAE(L.LightningModule):
     def configure_optimizers(self):
         groups = build_param_groups({"encoder": self.encoder, "decoder": self.decoder},
                                     weight_decay=self.optim_cfg["weight_decay"])
-        return torch.optim.AdamW(groups, lr=self.base_lr, betas=tuple(self.optim_cfg["betas"]))
+        return adamw(groups, self.base_lr, tuple(self.optim_cfg["betas"]),
+                     self.optim_cfg.get("implementation", "foreach"))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """This step's lr (per optimizer step, once per accumulation window), then the step."""

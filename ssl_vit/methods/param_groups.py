@@ -147,3 +147,13 @@ def apply_lr_wd(
 
 
 __all__ = ["apply_lr_wd", "build_param_groups", "layer_id", "no_weight_decay"]
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float],
+          implementation: str = "foreach") -> torch.optim.AdamW:
+    """torch's AdamW with the chosen kernel (``optim.implementation``). On the CPU torch picks the
+    per-tensor loop by default, one small op per tensor and step over hundreds of tensors."""
+    if implementation not in ("fused", "foreach", "for_loop"):
+        raise ValueError(f"optim.implementation={implementation!r}; allowed: fused, foreach, for_loop")
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), foreach=implementation == "foreach",
+                             fused=True if implementation == "fused" else None)

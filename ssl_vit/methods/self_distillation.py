@@ -30,8 +30,8 @@ from torch import nn
 
 from ssl_vit.losses import check_finite
 from ssl_vit.losses.center import EMACenterMixin
-from ssl_vit.methods.ema import copy_student_to_teacher, ema_update
-from ssl_vit.methods.param_groups import apply_lr_wd, build_param_groups
+from ssl_vit.methods.ema import copy_student_to_teacher, ema_parameter_lists, ema_update_lists
+from ssl_vit.methods.param_groups import adamw, apply_lr_wd, build_param_groups
 from ssl_vit.methods.schedules import (
     freeze_last_layer_active,
     lr_schedule,
@@ -83,6 +83,7 @@ class SelfDistillationMethod(L.LightningModule):
             # Never used without masking: frozen, so that DDP does not wait for its gradient.
             self.student.backbone.mask_token.requires_grad_(False)
         setattr(self, self.ema_attribute, copy_student_to_teacher(self.student))
+        self._ema_lists: tuple[list, list] | None = None  # (EMA copy's, student's) parameters, paired
 
         def steps(epochs: float) -> int:
             # A warm-up longer than a (short) run is cut to the run: the schedule still ends.
@@ -135,7 +136,7 @@ class SelfDistillationMethod(L.LightningModule):
             patch_embed_lr_mult=self.optim_cfg.get("patch_embed_lr_mult", 1.0),
         )
         betas = tuple(self.optim_cfg.get("betas", (0.9, 0.999)))
-        return torch.optim.AdamW(groups, lr=self.base_lr, betas=betas)
+        return adamw(groups, self.base_lr, betas, self.optim_cfg.get("implementation", "foreach"))
 
     def last_layer_frozen(self, step: int) -> bool:
         return freeze_last_layer_active(step, self.freeze_last_layer_steps)
@@ -166,7 +167,9 @@ class SelfDistillationMethod(L.LightningModule):
         """After optimizer step ``step``: the EMA teacher update (returns its momentum) and the
         loss centers' update over every micro-batch of the step."""
         momentum = self.momentum_at(step)
-        ema_update(self.ema_copy, self.student, momentum)
+        if self._ema_lists is None:  # paired by name once; the strategy's wrapping is done by now
+            self._ema_lists = ema_parameter_lists(self.ema_copy, self.student)
+        ema_update_lists(*self._ema_lists, momentum)
         for module in self.children():
             if isinstance(module, EMACenterMixin):
                 module.apply_center_update()
@@ -176,17 +179,25 @@ class SelfDistillationMethod(L.LightningModule):
         # Lightning calls this after backward (and unscaling) and before the optimizer step.
         self.clip_gradients_as_in_paper()
 
+    def on_train_start(self) -> None:
+        self._ema_lists = None  # a strategy may have replaced the parameters (FSDP): pair them anew
+
     def on_train_epoch_start(self) -> None:
         self.ema_copy.eval()  # Lightning puts the whole module in train mode; the EMA copy never is
 
     # ------------------------------------------------------------------ step helpers
     def checked_total(self, weighted_terms: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
-        """Weighted sum of loss terms; a non-finite term stops the step naming term and step."""
+        """Weighted sum of loss terms; a non-finite term stops the step naming term and step.
+        One host synchronisation per step (on the total); the terms are looked at only when the
+        total is not finite."""
         total = 0.0
         for term, (weight, value) in weighted_terms.items():
-            check_finite(term, value.detach(), self.global_step)
             self.log(f"loss/{term}", value.detach(), on_step=True, prog_bar=False)
             total = total + weight * value
+        if not bool(torch.isfinite(total.detach())):
+            for term, (_, value) in weighted_terms.items():
+                check_finite(term, value.detach(), self.global_step)
+            check_finite("total", total.detach(), self.global_step)  # finite terms, a non-finite sum
         self.log("loss", total.detach(), on_step=True, prog_bar=True)
         return total
 

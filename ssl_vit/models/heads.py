@@ -147,4 +147,19 @@ class DINOHead(nn.Module):
         return [f"last_layer.{n}" for n, _ in self.last_layer.named_parameters()]
 
 
-__all__ = ["DINOHead", "WeightNormLinear"]
+def cls_and_patch_logits(cls_head: nn.Module, cls_tokens: torch.Tensor, patch_head: nn.Module,
+                         patch_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cls_head(cls_tokens), patch_head(patch_tokens))``; when the two are one head (DINOv2's
+    default, no separate iBOT head), in one call on the concatenated tokens: the MLP runs on one
+    larger matrix and the weight-normalised last layer is built once instead of twice. Every
+    layer works row by row, so the split result equals two calls (up to float summation order).
+    ``patch_tokens`` may carry leading dimensions (``(..., D)``); they are kept."""
+    if cls_head is not patch_head:
+        return cls_head(cls_tokens), patch_head(patch_tokens)
+    flat = patch_tokens.reshape(-1, patch_tokens.shape[-1])
+    logits = cls_head(torch.cat([cls_tokens, flat]))
+    cls_logits, patch_logits = logits.split([cls_tokens.shape[0], flat.shape[0]])
+    return cls_logits, patch_logits.reshape(*patch_tokens.shape[:-1], logits.shape[-1])
+
+
+__all__ = ["DINOHead", "WeightNormLinear", "cls_and_patch_logits"]

@@ -121,7 +121,7 @@ class SaveCounter(LastCheckpoint):
 def test_accumulated_micro_batches_make_one_step_of_everything(name, monkeypatch, tmp_path):
     """3 optimizer steps of 2 micro-batches of 16: the EMA, the centers (holding both
     micro-batches' teacher outputs), the lr scaling and every monitor act once per step."""
-    ema = CallCounter(monkeypatch, base_module, "ema_update")
+    ema = CallCounter(monkeypatch, base_module, "ema_update_lists")
     centers = CallCounter(monkeypatch, center_module, "ema_center_update")
     cfg = compose_train(["data=synthetic"])
     datamodule = build_datamodule(cfg)

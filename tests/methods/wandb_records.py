@@ -10,6 +10,7 @@ import struct
 import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -65,7 +66,7 @@ def finished_records(path: Path, timeout_s: float = 60.0) -> list[wandb_internal
     while True:
         try:
             records = read_records(path)
-        except (ValueError, struct.error):  # not even the header written yet
+        except (ValueError, struct.error, DecodeError):  # not even the header, or a record half written
             records = []
         if records and records[-1].WhichOneof("record_type") == "exit":
             return records
