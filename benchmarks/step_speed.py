@@ -723,7 +723,12 @@ def quiet() -> None:
 
 def main(argv: list[str] | None = None) -> list[ConfigResult]:
     args = parse_args(argv)
-    quiet()
+    with warnings.catch_warnings():  # the filters stay inside this run (tests call main)
+        quiet()
+        return run(args)
+
+
+def run(args) -> list[ConfigResult]:
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions, notes = resolve_precisions(args.precisions)
