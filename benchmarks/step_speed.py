@@ -51,7 +51,6 @@ import logging
 import math
 import re
 import statistics
-import sys
 import tempfile
 import time
 import warnings
