@@ -1,0 +1,769 @@
+"""DINOv2 training-step speed: ssl_vit through a Lightning Trainer beside a step built from lightly.
+
+    python benchmarks/step_speed.py                                   # the full run (both configurations)
+    python benchmarks/step_speed.py --configs cpu --steps 1 --warmup 1 --matmul-size 1024   # a quick check
+
+For each configuration (``--configs``) and precision (``--precisions``; ``auto``: fp32, plus bf16
+autocast where the CPU has native bf16, AMX or AVX512-BF16) the script times, alternating in one
+process (reference, ssl_vit, reference, ssl_vit, ...), on the same pre-collated batches held in
+memory (no data loading is timed):
+
+* **ssl_vit**: the DINOv2 method and data module built by ``ssl_vit.build`` from the composed
+  Hydra config, trained by the Trainer of ``ssl_vit.build.build_trainer`` (the callbacks, CSV
+  logger and precision plugin of a user's run; k-NN, pictures and progress bar off, and the
+  checkpoint callback removed: it writes nothing during these steps, only at the end). One step
+  is the time from the end of the reference step run in this benchmark's first
+  ``on_train_batch_start`` hook to that hook of the next batch: all callbacks' batch hooks, the
+  training step (teacher and student forward, losses, monitoring and logging), backward,
+  clipping, AdamW, the EMA teacher and loss centers, the logger, Lightning's loop, and fetching
+  the next in-memory batch. The Trainer runs one extra, untimed step at the end to close the
+  last interval.
+* **lightly**: the same step assembled from lightly's components in a plain PyTorch loop, after
+  lightly's own DINOv2 benchmark (``benchmarks/imagenet/vitb16/dinov2.py`` of lightly): a timm
+  ``VisionTransformer`` of the same size wrapped in ``MaskedVisionTransformerTIMM``,
+  ``DINOv2ProjectionHead``, ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``, AdamW with
+  lightly's per-parameter groups (layer-wise lr decay, patch-embed multiplier, no decay on
+  biases / norms), one global gradient-norm clip, and the EMA by ``update_momentum``. Timed: the
+  lr / weight-decay update, forward, backward, clipping, AdamW, zero_grad and EMA.
+* **backbones**: forward + backward (loss: mean square of the [CLS] output) of ssl_vit's
+  ``VisionTransformer`` and of timm's ``VisionTransformer`` as shipped (its defaults, only the
+  size set) on ``data.batch_size`` global crops.
+
+Both steps get the same model size, crops, batch, prototypes, masks (the project's collator:
+same masking ratio), precision and thread count; neither uses ``torch.compile``. The first step
+of each side is run under ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention kernels
+registered) and is not timed; then ``--warmup`` and ``--steps`` steps. Medians and min-max are
+printed, with the GFLOP/s reached against the machine's matrix-product ceiling (a large
+``torch.mm``, fp32 and, where native, bf16). The last line is
+
+    ratio ssl_vit/lightly=<x> backbone ssl_vit/timm=<y>
+
+with x = lightly step time / ssl_vit step time and y = timm time / ssl_vit backbone time (> 1:
+ssl_vit faster), each the minimum over the configurations and precisions run.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import importlib.util
+import logging
+import math
+import re
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+BENCH_DIR = Path(__file__).resolve().parent
+CONF = str(BENCH_DIR.parent / "conf")
+
+# Every configuration composes train.yaml (experiment=cpu, method=dinov2) with these overrides:
+# synthetic images (the step only sees pre-collated tensors of the configured shapes), the CPU,
+# no k-NN / pictures / progress bar.
+BASE_OVERRIDES = [
+    "data=synthetic", "data.num_workers=0", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+    "eval.knn_every_n_steps=0", "eval.final_knn=false", "eval.pictures.every_n_steps=0", "logger=csv",
+]
+
+
+@dataclass(frozen=True)
+class Config:
+    title: str
+    overrides: tuple[str, ...]
+
+
+CONFIGS: dict[str, Config] = {
+    "vit_small": Config("ViT-S/16, 2x224 + 8x96 crops, batch 16, 65,536 prototypes", (
+        "model=vit_small", "method.crops.global_size=224", "method.crops.local_size=96", "method.crops.n_local=8",
+        "method.head.out_dim=65536", "method.head.hidden_dim=2048", "method.head.bottleneck_dim=256",
+        "data.batch_size=16",
+    )),
+    "cpu": Config("the CPU preset of the default run (experiment=cpu, model=vit_cpu) with its default crops", ()),
+    # Not in the default set: a model small enough for the test and for checking that the script runs.
+    "tiny": Config("a tiny smoke-test model (not a measurement)", (
+        "model.depth=2", "model.embed_dim=64", "model.num_heads=2", "data.batch_size=4", "method.crops.n_local=2",
+        "method.head.out_dim=128", "method.head.hidden_dim=64", "method.head.bottleneck_dim=32",
+    )),
+}
+DEFAULT_CONFIGS = ("vit_small", "cpu")
+LIGHTNING_PRECISION = {"fp32": "32", "bf16": "bf16-mixed"}
+RATIO_LINE = re.compile(r"^ratio ssl_vit/lightly=(?P<x>\S+) backbone ssl_vit/timm=(?P<y>\S+)$")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _sibling(name: str):
+    """A module of benchmarks/ (not a package) by file name."""
+    spec = importlib.util.spec_from_file_location(f"_ssl_vit_benchmarks_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """The CPU's model name and which of its bf16 / vector flags are present (/proc/cpuinfo)."""
+    name, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    shown = [f for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2") if f in flags]
+    return name, shown
+
+
+def native_bf16() -> bool:
+    from ssl_vit.precision import cpu_has_fast_bf16
+
+    return cpu_has_fast_bf16()
+
+
+def resolve_precisions(spec: str) -> tuple[list[str], list[str]]:
+    """``--precisions`` -> (precisions to run, notes on those skipped). ``auto``: fp32, plus bf16
+    where it is native; an emulated bf16 (AVX2 CPUs) is never run (minutes per step)."""
+    wanted = ["fp32", "bf16"] if spec == "auto" else [p.strip() for p in spec.split(",") if p.strip()]
+    for p in wanted:
+        if p not in LIGHTNING_PRECISION:
+            raise SystemExit(f"--precisions: {p!r} is not one of auto, fp32, bf16")
+    run, notes = [], []
+    for p in dict.fromkeys(wanted):
+        if p == "bf16" and not native_bf16():
+            if spec != "auto":
+                notes.append("bf16 skipped: this CPU emulates bf16 (no AMX / AVX512-BF16); it would take minutes")
+            continue
+        run.append(p)
+    return run, notes
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+# --- FLOP counting: torch registers formulas for the GPU attention kernels only.
+def _cpu_flash_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_flash_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def cpu_attention_flop_mapping() -> dict:
+    aten = torch.ops.aten
+    mapping = {}
+    for op, formula in (("_scaled_dot_product_flash_attention_for_cpu", _cpu_flash_forward),
+                        ("_scaled_dot_product_flash_attention_for_cpu_backward", _cpu_flash_backward)):
+        if hasattr(aten, op):
+            mapping[getattr(aten, op)] = formula
+    return mapping
+
+
+def flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False, custom_mapping=cpu_attention_flop_mapping())
+
+
+def flops_by_op(counter) -> dict[str, int]:
+    return {str(op): int(n) for op, n in counter.get_flop_counts().get("Global", {}).items()}
+
+
+def count_flops(fn: Callable[[], Any]) -> dict[str, int]:
+    with flop_counter() as counter:
+        fn()
+    return flops_by_op(counter)
+
+
+def median_range(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def param_checksums(module: torch.nn.Module) -> list[float]:
+    with torch.no_grad():
+        return [float(p.detach().double().sum()) for p in module.parameters()]
+
+
+def changed_fraction(before: list[float], after: list[float]) -> float:
+    return sum(b != a for b, a in zip(before, after)) / max(len(before), 1)
+
+
+# ---------------------------------------------------------------------------------------------- config and data
+def compose_config(name: str, precision: str = "fp32", extra: tuple[str, ...] = ()):
+    """The composed training config of configuration ``name`` at ``precision`` (fp32 | bf16)."""
+    from hydra import compose, initialize_config_dir
+
+    from ssl_vit.build import validate  # importing ssl_vit.build also registers the config schemas
+
+    overrides = [*BASE_OVERRIDES, *CONFIGS[name].overrides, f"trainer.precision={LIGHTNING_PRECISION[precision]}",
+                 *extra]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="train", overrides=overrides)
+    validate(cfg)
+    if cfg.method.name != "dinov2":
+        raise SystemExit(f"configuration {name}: method={cfg.method.name}, this benchmark times DINOv2")
+    return cfg
+
+
+def collated_batches(cfg, n: int):
+    """The data module of ``cfg`` and its first ``n`` training batches (the real multi-crop
+    pipeline and mask collator), held in memory."""
+    from ssl_vit.build import build_datamodule
+
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    loader = iter(datamodule.train_dataloader())
+    return datamodule, [next(loader) for _ in range(n)]
+
+
+class InMemoryBatches(torch.utils.data.Dataset):
+    """``length`` items cycling over pre-collated batches (a DataLoader with batch_size=None)."""
+
+    def __init__(self, batches: list[dict], length: int):
+        self.batches, self.length = batches, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.batches[index % len(self.batches)]
+
+
+def describe(cfg, batches: list[dict]) -> str:
+    m, crops, head = cfg.model, cfg.method.crops, cfg.method.head
+    masks = torch.cat([b["masks"] for b in batches])
+    masked_crops = (masks.sum(1) > 0).float().mean().item()
+    ratio = (masks.sum(1)[masks.sum(1) > 0].float() / masks.shape[1]).mean().item() if masks.any() else 0.0
+    return (f"{m.name}: {m.embed_dim} wide, depth {m.depth}, {m.num_heads} heads, patch {m.patch_size}; "
+            f"batch {cfg.data.batch_size}, 2x{crops.global_size} + {crops.n_local}x{crops.local_size} crops, "
+            f"head {head.hidden_dim}-{head.bottleneck_dim}-{head.out_dim:,} prototypes; masks: "
+            f"{masked_crops:.0%} of global crops, {ratio:.1%} of their patches on average")
+
+
+# ---------------------------------------------------------------------------------------------- lightly reference
+def timm_vit(model_cfg, **kwargs):
+    """timm's VisionTransformer at the size of a ``model`` config; everything else timm's default."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    return TimmViT(img_size=model_cfg.img_size, patch_size=model_cfg.patch_size, embed_dim=model_cfg.embed_dim,
+                   depth=model_cfg.depth, num_heads=model_cfg.num_heads, mlp_ratio=model_cfg.mlp_ratio,
+                   qkv_bias=model_cfg.qkv_bias, num_classes=0, **kwargs)
+
+
+def check_reference_supports(cfg) -> None:
+    """The lightly reference builds a plain timm ViT and lightly's 3-layer DINOv2 head."""
+    m, method = cfg.model, cfg.method
+    unsupported = {
+        "model.ffn_layer": (m.ffn_layer, "mlp"), "model.pos_embed": (m.pos_embed, "learned"),
+        "model.num_register_tokens": (m.num_register_tokens, 0), "method.head.nlayers": (method.head.nlayers, 3),
+        "method.centering": (method.centering, "centering"),
+    }
+    bad = [f"{k}={v!r} (needs {want!r})" for k, (v, want) in unsupported.items() if v != want]
+    if bad:
+        raise SystemExit("the lightly reference step cannot mirror " + ", ".join(bad))
+
+
+class LightlyDINOv2:
+    """A DINOv2 step from lightly's components in a plain loop (see the module docstring)."""
+
+    def __init__(self, cfg, bf16: bool):
+        from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
+        from lightly.models.modules import DINOv2ProjectionHead, MaskedVisionTransformerTIMM
+
+        check_reference_supports(cfg)
+        m, method, optim = cfg.model, cfg.method, cfg.optim
+        self.bf16 = bf16
+        self.patch_size = m.patch_size
+        vit = timm_vit(m, init_values=m.init_values, drop_path_rate=m.drop_path_rate, pos_embed="learn",
+                       dynamic_img_size=True)  # local crops: positions resampled, as in lightly's benchmark
+        self.student_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
+
+        def head(spec):
+            return DINOv2ProjectionHead(input_dim=m.embed_dim, hidden_dim=spec.hidden_dim,
+                                        bottleneck_dim=spec.bottleneck_dim, output_dim=spec.out_dim)
+
+        def heads():
+            dino = head(method.head)
+            return dino, head(method.ibot.head) if method.ibot.separate_head else dino
+
+        self.student_head, self.student_ibot_head = heads()
+        self.student = torch.nn.ModuleDict({"backbone": self.student_backbone, "dino_head": self.student_head,
+                                            "ibot_head": self.student_ibot_head})
+        # The teacher's heads are built anew and loaded (weight_norm's modules cannot be deep-copied).
+        teacher_head, teacher_ibot_head = heads()
+        self.teacher = torch.nn.ModuleDict({"backbone": copy.deepcopy(self.student_backbone),
+                                            "dino_head": teacher_head, "ibot_head": teacher_ibot_head})
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher.eval()
+        self.student.train()
+
+        self.dino_loss = DINOLoss(output_dim=method.head.out_dim, student_temp=method.student_temp,
+                                  center_momentum=method.center_momentum)
+        patch_dim = method.ibot.head.out_dim if method.ibot.separate_head else method.head.out_dim
+        self.ibot_loss = IBOTPatchLoss(output_dim=patch_dim, student_temp=method.student_temp,
+                                       center_momentum=method.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+        self.weights = (method.dino_loss_weight, method.ibot.loss_weight, method.koleo_loss_weight)
+        self.teacher_temp = float(method.teacher_temp)
+        self.momentum = float(method.momentum_teacher)
+        self.clip = float(optim.clip_grad)
+
+        batch = cfg.data.batch_size
+        self.lr = float(optim.lr) * (math.sqrt(batch / 1024) if optim.lr_scaling == "sqrt" else
+                                     batch / 256 if optim.lr_scaling == "linear" else 1.0)
+        self.weight_decay = float(optim.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.param_groups(optim.layerwise_decay or 1.0, optim.patch_embed_lr_mult), lr=self.lr,
+            betas=tuple(optim.betas))
+        self.params = [p for p in self.student.parameters() if p.requires_grad]
+
+    def param_groups(self, layer_decay: float, patch_embed_mult: float) -> list[dict]:
+        """One group per parameter, as lightly's DINOv2 benchmark: lr scaled by layer depth."""
+        depth = len(self.student_backbone.vit.blocks)
+        groups = []
+        for name, p in self.student.named_parameters():
+            scale = 1.0
+            if name.startswith("backbone."):
+                block = re.search(r"\.blocks\.(\d+)\.", name)
+                if any(t in name for t in ("pos_embed", "mask_token", "cls_token", "reg_token")):
+                    scale = layer_decay ** (depth + 1)
+                elif "patch_embed" in name:
+                    scale = layer_decay ** (depth + 1) * patch_embed_mult
+                elif block:
+                    scale = layer_decay ** (depth - int(block.group(1)))
+            no_decay = name.endswith(".bias") or ".norm" in name or "gamma" in name
+            groups.append({"params": [p], "lr_scale": scale, "decays": not no_decay,
+                           "lr": self.lr * scale, "weight_decay": 0.0 if no_decay else self.weight_decay})
+        return groups
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        globals_, locals_, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        n_global = globals_.shape[0]
+        n_views = 2 + locals_.shape[0] // (n_global // 2)
+        grid = globals_.shape[-1] // self.patch_size
+        token_mask = F.pad(masks, (1, 0), value=False)  # the [CLS] token is never masked
+        with torch.no_grad():
+            teacher_tokens = self.teacher["backbone"].encode(globals_)
+            teacher_cls = self.teacher["dino_head"](teacher_tokens[:, 0])
+            teacher_patches = self.teacher["ibot_head"](teacher_tokens[token_mask])
+        student_tokens = self.student_backbone.encode(globals_, mask=token_mask)
+        student_global_cls = student_tokens[:, 0]
+        student_cls = [self.student_head(student_global_cls)]
+        student_patches = self.student_ibot_head(student_tokens[token_mask])
+        if n_views > 2:
+            student_cls.append(self.student_head(self.student_backbone.encode(locals_)[:, 0]))
+        student_cls = torch.cat(student_cls)
+        dino = self.dino_loss(teacher_out=list(teacher_cls.chunk(2)), student_out=list(student_cls.chunk(n_views)),
+                              teacher_temp=self.teacher_temp)
+        ibot = self.ibot_loss(teacher_out=teacher_patches, student_out=student_patches,
+                              mask=masks.reshape(n_global, grid, grid), teacher_temp=self.teacher_temp)
+        koleo = sum(self.koleo_loss(crop) for crop in student_global_cls.chunk(2))
+        w_dino, w_ibot, w_koleo = self.weights
+        return w_dino * dino + w_ibot * ibot + w_koleo * koleo
+
+    def step(self, batch: dict) -> float:
+        """One optimisation step; returns the loss."""
+        from lightly.models.utils import update_momentum
+
+        for group in self.optimizer.param_groups:  # what a per-step schedule does
+            group["lr"] = self.lr * group["lr_scale"]
+            if group["decays"]:
+                group["weight_decay"] = self.weight_decay
+        with torch.enable_grad():
+            with autocast(self.bf16):
+                loss = self.loss(batch)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_momentum(self.student_backbone, self.teacher["backbone"], m=self.momentum)
+        update_momentum(self.student_head, self.teacher["dino_head"], m=self.momentum)
+        if self.student_ibot_head is not self.student_head:
+            update_momentum(self.student_ibot_head, self.teacher["ibot_head"], m=self.momentum)
+        return loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- the alternation
+class Alternate(L.Callback):
+    """First callback of the ssl_vit Trainer: before each of the first ``n`` Trainer steps it
+    runs (and times) one reference step; it times each Trainer step from the end of that
+    reference step to the start of the next batch's hooks. Step 0 of each side is run under a
+    FLOP counter and not timed."""
+
+    def __init__(self, reference: LightlyDINOv2, n: int):
+        self.reference, self.n = reference, n
+        self.ssl_s: list[float] = []
+        self.ref_s: list[float] = []
+        self.ssl_flops: dict[str, int] = {}
+        self.ref_flops: dict[str, int] = {}
+        self.last_ref_loss: torch.Tensor | None = None
+        self.threads: int | None = None  # torch's thread count inside the Trainer's loop
+        self._index = 0
+        self._t0: float | None = None
+        self._counter = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._t0 is not None:
+            self.ssl_s.append(now - self._t0)
+            self._t0 = None
+        i = self._index
+        self.threads = torch.get_num_threads()
+        if i < self.n:
+            if i == 0:
+                self.ref_flops = count_flops(lambda: self.reference.step(batch))
+            else:
+                start = time.perf_counter()
+                self.last_ref_loss = self.reference.step(batch)
+                self.ref_s.append(time.perf_counter() - start)
+            if i == 0:
+                self._counter = flop_counter()
+                self._counter.__enter__()
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._counter is not None:
+            self._counter.__exit__(None, None, None)
+            self.ssl_flops = flops_by_op(self._counter)
+            self._counter = None
+        self._index += 1
+
+
+@dataclass
+class Timing:
+    label: str
+    seconds: list[float]
+    flops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def total_flops(self) -> int:
+        return sum(self.flops.values())
+
+
+@dataclass
+class PrecisionResult:
+    precision: str
+    ssl_step: Timing
+    ref_step: Timing
+    ssl_backbone: Timing | None = None
+    timm_backbone: Timing | None = None
+    analytic_backbone_flops: float = 0.0
+    changed: dict[str, float] = field(default_factory=dict)  # fraction of parameters a run changed
+    losses: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def step_ratio(self) -> float:
+        return self.ref_step.median / self.ssl_step.median
+
+    @property
+    def backbone_ratio(self) -> float | None:
+        if self.ssl_backbone is None or self.timm_backbone is None:
+            return None
+        return self.timm_backbone.median / self.ssl_backbone.median
+
+
+@dataclass
+class ConfigResult:
+    name: str
+    description: str
+    results: list[PrecisionResult]
+
+
+def time_steps(cfg, datamodule, batches: list[dict], precision: str, warmup: int, steps: int,
+               out_dir: str) -> PrecisionResult:
+    """The ssl_vit Trainer and the lightly reference, alternating (see :class:`Alternate`)."""
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from ssl_vit.build import build_method, build_trainer
+    from ssl_vit.callbacks import LastCheckpoint
+
+    bf16 = precision == "bf16"
+    n = 1 + warmup + steps  # FLOP-counted + warm-up + timed, per side
+    L.seed_everything(cfg.seed, verbose=False)
+    method = build_method(cfg, datamodule)  # its schedules planned over the configured run
+    reference = LightlyDINOv2(cfg, bf16)
+    trainer_cfg = copy.deepcopy(cfg)
+    trainer_cfg.trainer.max_steps = n + 1  # + 1 untimed step that closes the last interval
+    trainer = build_trainer(trainer_cfg, Path(out_dir), datamodule, knn=False)
+    # Out: the checkpoint callback (writes only at the end of these short fits) and the model summary (printed once).
+    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, (LastCheckpoint, ModelSummary))]
+    alternate = Alternate(reference, n)
+    trainer.callbacks.insert(0, alternate)
+    loader = torch.utils.data.DataLoader(InMemoryBatches(batches, n + 1), batch_size=None, shuffle=False)
+
+    before = {"ssl_vit student": param_checksums(method.student), "ssl_vit teacher": param_checksums(method.teacher),
+              "lightly student": param_checksums(reference.student),
+              "lightly teacher": param_checksums(reference.teacher)}
+    trainer.fit(method, train_dataloaders=loader)
+    if len(alternate.ssl_s) != n or len(alternate.ref_s) != n - 1:
+        raise RuntimeError(f"the Trainer ran {len(alternate.ssl_s)} timed steps, expected {n}")
+    if alternate.threads != torch.get_num_threads():  # both sides run in the Trainer's loop: a change hits both
+        print(f"    note: torch used {alternate.threads} threads inside the Trainer, {torch.get_num_threads()} outside")
+    after = {"ssl_vit student": param_checksums(method.student), "ssl_vit teacher": param_checksums(method.teacher),
+             "lightly student": param_checksums(reference.student),
+             "lightly teacher": param_checksums(reference.teacher)}
+    last_ref = alternate.last_ref_loss
+    losses = {"ssl_vit": float(trainer.callback_metrics.get("loss", float("nan"))),
+              "lightly": float("nan") if last_ref is None else float(last_ref)}
+    return PrecisionResult(
+        precision,
+        Timing("ssl_vit step (Trainer)", alternate.ssl_s[1 + warmup:], alternate.ssl_flops),
+        Timing("lightly step (plain loop)", alternate.ref_s[warmup:], alternate.ref_flops),
+        changed={k: changed_fraction(before[k], after[k]) for k in before},
+        losses=losses,
+    )
+
+
+def time_backbones(cfg, images: torch.Tensor, precision: str, warmup: int, steps: int) -> tuple[Timing, Timing]:
+    """Forward+backward of ssl_vit's VisionTransformer and timm's, alternating."""
+    from ssl_vit.config import build_backbone_from_config
+
+    bf16 = precision == "bf16"
+    torch.manual_seed(cfg.seed)
+    nets = {"ssl_vit backbone fwd+bwd": build_backbone_from_config(cfg.model).train(),
+            "timm backbone fwd+bwd": timm_vit(cfg.model).train()}
+
+    def step(net) -> None:
+        net.zero_grad(set_to_none=True)
+        with autocast(bf16):
+            out = net(images)
+        out.float().square().mean().backward()
+
+    flops = {label: count_flops(lambda net=net: step(net)) for label, net in nets.items()}
+    times: dict[str, list[float]] = {label: [] for label in nets}
+    for i in range(warmup + steps):
+        for label, net in nets.items():
+            start = time.perf_counter()
+            step(net)
+            if i >= warmup:
+                times[label].append(time.perf_counter() - start)
+    return tuple(Timing(label, times[label], flops[label]) for label in nets)  # type: ignore[return-value]
+
+
+def analytic_backbone_flops(model_cfg, images: int) -> float:
+    """3x the forward FLOPs of the blocks (``forward_flops`` of benchmarks/backbone.py)."""
+    tokens = 1 + (model_cfg.img_size // model_cfg.patch_size) ** 2 + model_cfg.num_register_tokens
+    hidden = int(model_cfg.embed_dim * model_cfg.mlp_ratio)
+    return 3 * images * _sibling("backbone").forward_flops(model_cfg.depth, model_cfg.embed_dim, tokens, hidden)
+
+
+def matmul_ceiling(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
+    """GFLOP/s of the best of ``repeats`` n x n x n products (after one warm-up)."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def run_config(name: str, precisions: list[str], warmup: int, steps: int, n_batches: int, backbone: bool,
+               extra: tuple[str, ...] = ()) -> ConfigResult:
+    cfg = compose_config(name, "fp32", extra)
+    datamodule, batches = collated_batches(cfg, n_batches)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="step_speed_") as out_dir:
+        for precision in precisions:
+            cfg = compose_config(name, precision, extra)
+            print(f"  [{name} {precision}] timing the steps ...", flush=True)
+            result = time_steps(cfg, datamodule, batches, precision, warmup, steps, f"{out_dir}/{precision}")
+            if backbone:
+                print(f"  [{name} {precision}] timing the backbones ...", flush=True)
+                images = batches[0]["global_crops"][: cfg.data.batch_size]
+                result.ssl_backbone, result.timm_backbone = time_backbones(cfg, images, precision, warmup, steps)
+                result.analytic_backbone_flops = analytic_backbone_flops(cfg.model, images.shape[0])
+            results.append(result)
+    return ConfigResult(name, describe(cfg, batches), results)
+
+
+# ---------------------------------------------------------------------------------------------- report
+FLASH_BACKWARD = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
+
+
+def flash_recompute_flops(flops: dict[str, int]) -> int:
+    """FLOPs the CPU flash-attention backward spends recomputing q @ k^T: one of the five equal
+    products of its count (torch's formula; q, k, v of one head width), work that an explicit
+    softmax(q k^T) v keeps from its forward pass."""
+    return flops.get(FLASH_BACKWARD, 0) // 5
+
+
+def flop_agreement(a: Timing, b: Timing, tolerance: float) -> tuple[float, list[str]]:
+    """The FLOP ratio b/a without the flash backward's recomputation, and lines reporting it
+    (op by op where the two differ by more than ``tolerance``)."""
+    ta, tb = a.total_flops, b.total_flops
+    if not ta or not tb:
+        return math.nan, [f"    FLOPs: not counted ({a.label}: {ta}, {b.label}: {tb})"]
+    name_a, name_b = a.label.split()[0], b.label.split()[0]
+    adjusted = (tb - flash_recompute_flops(b.flops)) / (ta - flash_recompute_flops(a.flops))
+    agree = abs(adjusted - 1) <= tolerance
+    line = f"    FLOPs {name_b}/{name_a} = {tb / ta:.4f}"
+    if flash_recompute_flops(a.flops) or flash_recompute_flops(b.flops):
+        line += (f"; {adjusted:.4f} without the CPU flash-attention backward's recomputation of q@k^T "
+                 f"(an explicit softmax(qk^T)v keeps the scores)")
+    lines = [line + f": {'agree' if agree else 'DIFFER'} within {tolerance:.0%}"]
+    if not agree:
+        lines.append("    by op (GFLOP): " + ", ".join(
+            f"{op} {a.flops.get(op, 0) / 1e9:.3f} vs {b.flops.get(op, 0) / 1e9:.3f}"
+            for op in sorted(set(a.flops) | set(b.flops))))
+    return adjusted, lines
+
+
+def format_table(result: ConfigResult, ceilings: dict[str, float], tolerance: float) -> str:
+    lines = [f"== {result.name}: {CONFIGS[result.name].title}", f"   {result.description}"]
+    header = f"   {'':30s} {'median s':>9s} {'min - max s':>17s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'of ceiling':>10s}"
+    for r in result.results:
+        ceiling = ceilings.get(r.precision)
+        lines.append(f"  {r.precision}" + (f" (matmul ceiling {ceiling:.0f} GFLOP/s)" if ceiling else ""))
+        lines.append(header)
+        pairs = [(r.ssl_step, r.ref_step, "step", r.step_ratio)]
+        if r.ssl_backbone is not None:
+            pairs.append((r.ssl_backbone, r.timm_backbone, "backbone", r.backbone_ratio))
+        for ours, theirs, what, ratio in pairs:
+            for t in (ours, theirs):
+                med, lo, hi = median_range(t.seconds)
+                gflop = t.total_flops / 1e9
+                rate = gflop / med
+                of = f"{rate / ceiling:.0%}" if ceiling else "-"
+                lines.append(f"   {t.label:30s} {med:9.3f} {lo:8.3f} - {hi:6.3f} {gflop:11.2f} {rate:8.1f} {of:>10s}")
+            lines.extend(flop_agreement(ours, theirs, tolerance)[1])
+            if what == "backbone" and r.analytic_backbone_flops:
+                lines.append(f"    analytic count of the blocks (benchmarks/backbone.py, 3x forward): "
+                             f"{r.analytic_backbone_flops / 1e9:.2f} GFLOP")
+            lines.append(f"    {what} ratio {theirs.label.split()[0]}/{ours.label.split()[0]} time = {ratio:.3f}"
+                         f"  (> 1: ssl_vit faster)")
+        changed = ", ".join(f"{k} {v:.0%}" for k, v in r.changed.items())
+        lines.append(f"    parameters changed by the run: {changed}")
+        lines.append(f"    loss after the run: ssl_vit {r.losses.get('ssl_vit', float('nan')):.4f}, "
+                     f"lightly {r.losses.get('lightly', float('nan')):.4f} (different initialisations)")
+    return "\n".join(lines)
+
+
+def min_ratios(results: list[ConfigResult]) -> tuple[float, float]:
+    """(min lightly/ssl_vit step-time ratio, min timm/ssl_vit backbone-time ratio) over every
+    configuration and precision run; nan where nothing was measured."""
+    steps = [r.step_ratio for c in results for r in c.results]
+    backbones = [r.backbone_ratio for c in results for r in c.results if r.backbone_ratio is not None]
+    return (min(steps) if steps else math.nan), (min(backbones) if backbones else math.nan)
+
+
+def ratio_line(x: float, y: float) -> str:
+    return f"ratio ssl_vit/lightly={x:.3f} backbone ssl_vit/timm={y:.3f}"
+
+
+def parse_ratio_line(text: str) -> tuple[float, float]:
+    """The (x, y) of the last line of a run's output."""
+    last = text.strip().splitlines()[-1]
+    match = RATIO_LINE.match(last)
+    if not match:
+        raise ValueError(f"the output does not end with a ratio line: {last!r}")
+    return float(match["x"]), float(match["y"])
+
+
+# ---------------------------------------------------------------------------------------------- main
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated, of {', '.join(CONFIGS)} (default: %(default)s)")
+    parser.add_argument("--precisions", default="auto",
+                        help="auto (fp32, plus bf16 where native), fp32, bf16 or fp32,bf16 (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per side (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per side, after the FLOP-counted "
+                        "one (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, here "
+                        f"{torch.get_num_threads()})")
+    parser.add_argument("--batches", type=int, default=2, help="distinct pre-collated batches, cycled "
+                        "(default: %(default)s)")
+    parser.add_argument("--matmul-size", type=int, default=4096, help="n of the n x n x n ceiling product; 0: skip "
+                        "(default: %(default)s)")
+    parser.add_argument("--no-backbone", action="store_true", help="skip the backbone forward+backward timing")
+    parser.add_argument("--flop-tolerance", type=float, default=0.03, help="relative FLOP difference accepted "
+                        "(default: %(default)s)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an extra Hydra override for every configuration (repeatable)")
+    args = parser.parse_args(argv)
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for c in args.configs:
+        if c not in CONFIGS:
+            parser.error(f"--configs: unknown {c!r}; available: {', '.join(CONFIGS)}")
+    if args.steps < 1 or args.warmup < 0 or args.batches < 1:
+        parser.error("--steps >= 1, --warmup >= 0 and --batches >= 1")
+    return args
+
+
+def quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "ssl_vit"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (r".*does not have many workers.*", r".*torch.nn.utils.weight_norm.*", r".*in eval mode.*",
+                    r".*warm-up of .* is longer than the planned run.*", r".*LeafSpec.*", r".*isinstance\(treespec.*",
+                    r".*smaller than the logging interval.*", r".*srun. command is available.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def main(argv: list[str] | None = None) -> list[ConfigResult]:
+    args = parse_args(argv)
+    with warnings.catch_warnings():  # the filters stay inside this run (tests call main)
+        quiet()
+        return run(args)
+
+
+def run(args) -> list[ConfigResult]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precisions, notes = resolve_precisions(args.precisions)
+    import lightly
+    import timm
+
+    cpu, flags = cpu_description()
+    print(f"CPU: {cpu}; flags: {' '.join(flags) or 'none of amx_bf16 avx512_bf16 avx512f avx2'}; "
+          f"native bf16: {native_bf16()}")
+    print(f"torch {torch.__version__}, lightly {lightly.__version__}, timm {timm.__version__}; "
+          f"threads: {torch.get_num_threads()}; precisions: {', '.join(precisions) or 'none'}")
+    print(f"per side: 1 FLOP-counted step, {args.warmup} warm-up, {args.steps} timed; "
+          f"{args.batches} distinct pre-collated batches in memory; no torch.compile")
+    for note in notes:
+        print(note)
+    if not precisions:
+        raise SystemExit("no precision to run")
+
+    ceilings: dict[str, float] = {}
+    if args.matmul_size:
+        for precision in precisions:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            ceilings[precision] = matmul_ceiling(args.matmul_size, dtype)
+        print("matmul ceiling (" + f"{args.matmul_size}^3, best of 3): " +
+              ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in ceilings.items()))
+
+    results = []
+    for name in args.configs:
+        result = run_config(name, precisions, args.warmup, args.steps, args.batches, not args.no_backbone,
+                            tuple(args.override))
+        print(format_table(result, ceilings, args.flop_tolerance), flush=True)
+        results.append(result)
+    x, y = min_ratios(results)
+    print(ratio_line(x, y), flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
