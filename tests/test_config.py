@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ssl_vit.config import backbone_arch, build_backbone_from_config
+from ssl_vit.config import MODEL_META_KEYS, backbone_arch, build_backbone_from_config
 from ssl_vit.models import PRESETS, VisionTransformer
 from ssl_vit.schema.model import ModelConfig
 
@@ -33,7 +33,7 @@ def test_model_schema_declares_every_backbone_argument_with_its_default():
     declared = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
     constructor = {k: p.default for k, p in inspect.signature(VisionTransformer.__init__).parameters.items()
                    if k not in ("self", "in_chans")}
-    assert set(declared) == set(constructor) | {"name", "init"}
+    assert set(declared) == set(constructor) | set(MODEL_META_KEYS)
     assert {k: declared[k] for k in constructor} == constructor
 
 

@@ -60,12 +60,12 @@ class Attention(nn.Module):
 
 
 def tokenwise(fn, xs: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Apply a per-token function once to the tokens of all groups, then split them back.
-
-    One large matrix product instead of one per crop size: fewer kernel launches on a GPU.
-    """
-    if len(xs) == 1:
-        return [fn(xs[0])]
+    """Apply a per-token function to the tokens of all groups: on a GPU once on all of them
+    concatenated, then split back (one large matrix product instead of one per crop size: fewer
+    kernel launches); on the CPU group by group, where launches cost little and the copies of
+    the concatenation do (measured on the CPU preset's DINOv2 step, 2-core Xeon: 3-9% faster)."""
+    if len(xs) == 1 or not xs[0].is_cuda:
+        return [fn(x) for x in xs]
     flat = torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
     out = fn(flat)
     sizes = [x.shape[0] * x.shape[1] for x in xs]
