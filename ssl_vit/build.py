@@ -14,6 +14,8 @@ from omegaconf import DictConfig, ListConfig
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint
 from ssl_vit.callbacks.pictures import FeaturePictures
 from ssl_vit.callbacks.reconstruction import ReconstructionPictures
+from ssl_vit.callbacks.requeue import RequeueOnSignal
+from ssl_vit.cluster import slurm_plugins
 from ssl_vit.config import backbone_arch, to_dict
 from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.datamodule import SSLDataModule, default_normalization
@@ -271,6 +273,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     """The Trainer of ``cfg``; ``knn=False`` leaves the k-NN monitor out (data without labels)."""
     ckpt_dir = out_dir / "checkpoints"
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
+    callbacks.append(RequeueOnSignal(callbacks[0]))  # SIGUSR1 (SLURM's warning): last.ckpt, requeue, stop
     if cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     # The pictures show fixed validation images when the run has a validation split to draw on
@@ -296,6 +299,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
         default_root_dir=str(out_dir),
         logger=build_logger(cfg, out_dir),
         callbacks=callbacks,
+        plugins=slurm_plugins(),  # under SLURM: its ranks, without Lightning's own requeue handler
         enable_checkpointing=False,  # LastCheckpoint writes the one checkpoint a run keeps
         num_sanity_val_steps=0,
     )
