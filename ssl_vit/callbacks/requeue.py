@@ -111,6 +111,10 @@ class RequeueOnSignal(OptimizerStepCallback):
         signum, step = self._stop
         for logger in trainer.loggers:  # on disk before SLURM's kill of the requeued job can come
             logger.save()
+        # A requeue ends the running job with SIGTERM. Everything is saved by now: let the
+        # processes wind down without Lightning's SIGTERM handler (a broadcast to ranks that may
+        # be gone already); Lightning's teardown puts the default action back.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         trainer.strategy.barrier("requeue")
         job, error = slurm_job_id(), None
         if trainer.is_global_zero:

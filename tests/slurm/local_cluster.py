@@ -32,6 +32,10 @@ from pathlib import Path
 PACKAGES = ("munge", "slurmctld", "slurmd", "slurm-client")
 COMMANDS = {"munged": "munge", "slurmctld": "slurmctld", "slurmd": "slurmd", "sbatch": "slurm-client"}
 SBIN = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
+# The test group's switch (tests/slurm/conftest.py): without it the tests skip with this reason.
+SLURM_TESTS = os.environ.get("SSL_VIT_SLURM_TESTS", "") == "1"
+SKIP_REASON = ("SLURM test: set SSL_VIT_SLURM_TESTS=1 to run it on a local one-node SLURM cluster (as root; "
+               "installs Debian's munge, slurmctld, slurmd and slurm-client when missing)")
 CRED_EXPIRE_S = 10  # a requeued job may start again after this many seconds
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED"}
@@ -61,6 +65,8 @@ MailProg=/bin/true
 SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+# Look at pending jobs every 2 s (default 60 s, backfill 30 s): a requeued or dependent job starts soon.
+SchedulerParameters=sched_interval=2,bf_interval=2
 ReturnToService=2
 SlurmctldTimeout=30
 SlurmdTimeout=30
