@@ -6,7 +6,9 @@
 # ordinary training run that `cascade.dry_run=true` prints, submitted with the sbatch script
 # $STAGE_SCRIPT (default: train_1node.sbatch beside this file) and the sbatch options given before
 # `--` (e.g. --ntasks-per-node=8 --gpus-per-node=8 --partition=gpu). Without hydra.run.dir the
-# cascade goes to outputs/cascade/DATE/TIME. Prints one line per job: "stage NAME: job ID".
+# cascade goes to outputs/cascade/DATE/TIME. Prints one line per job: "stage NAME: job ID (DIR)".
+# Started again with the same hydra.run.dir, it submits only the stages without final metrics;
+# an unfinished stage resumes from its checkpoint.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 STAGE_SCRIPT=${STAGE_SCRIPT:-$HERE/train_1node.sbatch}
@@ -34,6 +36,10 @@ while IFS= read -r line; do
   stage_dir=""
   for arg in "${stage_overrides[@]}"; do [[ $arg == hydra.run.dir=* ]] && stage_dir=${arg#hydra.run.dir=}; done
   name=$(basename "$stage_dir")
+  if [[ -f $stage_dir/metrics.json ]]; then   # written when a run ends: the stage is done
+    echo "stage $name: finished earlier in $stage_dir; not submitted"
+    continue
+  fi
   dependency=()
   [[ -z $previous ]] || dependency=("--dependency=afterok:$previous")
   previous=$(sbatch --parsable --job-name="cascade-$name" "${dependency[@]}" "${SBATCH_OPTIONS[@]}" \
@@ -41,10 +47,11 @@ while IFS= read -r line; do
   previous=${previous%%;*}
   echo "stage $name: job $previous ($stage_dir)"
 done <<< "$PLAN"
-if [[ -z $previous ]]; then echo "error: the cascade has no stages" >&2; exit 2; fi
 
 # The cascade command itself once every stage is done: it finds them finished and writes cascade.json.
-report=$(sbatch --parsable --job-name=cascade-report --dependency="afterok:$previous" "${SBATCH_OPTIONS[@]}" \
+dependency=()
+[[ -z $previous ]] || dependency=("--dependency=afterok:$previous")
+report=$(sbatch --parsable --job-name=cascade-report "${dependency[@]}" "${SBATCH_OPTIONS[@]}" \
          --nodes=1 --ntasks-per-node=1 --gpus-per-node=0 --cpus-per-task=1 \
          --wrap="$(printf '%q ' "$PYTHON" -m ssl_vit.cascade "${OVERRIDES[@]}")")
 echo "report: job ${report%%;*}"

@@ -134,27 +134,50 @@ def test_the_requeued_run_ends_with_the_weights_of_the_uninterrupted_one(ddp_run
 
 
 def test_a_sweep_through_the_submitit_preset_runs_one_job_per_point(slurm_cluster, tmp_path):
+    """(c): 2 points, each a job of 2 DDP tasks; point 0 gets submitit's warning signal (USR2)
+    after its first checkpoint and is requeued, resuming in its folder."""
     start = time.monotonic()
     cmd = [sys.executable, "-m", "ssl_vit.train", "-m", "hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null",
-           "hydra.launcher.cpus_per_task=1", "seed=0,1", *TINY, "data.options.num_samples=128", "trainer.max_steps=5",
-           "eval.final_knn=false"]
-    done = subprocess.run(cmd, cwd=tmp_path, env={**slurm_cluster.env, **JOB_ENV}, capture_output=True, text=True,
-                          timeout=2 * JOB_TIMEOUT_S)
-    print(f"\n(c) 2-point sweep: {time.monotonic() - start:.0f} s")
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+           "hydra.launcher.cpus_per_task=1", f"hydra.launcher.tasks_per_node={TASKS}", "trainer=ddp",
+           f"trainer.devices={TASKS}", "seed=0,1", *TINY, "data.options.num_samples=128", f"trainer.max_steps={STEPS}",
+           "checkpoint_every_n_steps=3", "eval.final_knn=false"]
+    sweep = subprocess.Popen(cmd, cwd=tmp_path, env={**slurm_cluster.env, **JOB_ENV}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while not list(tmp_path.glob("multirun/*/*/0/checkpoints/last.ckpt")):
+            assert sweep.poll() is None, sweep.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint of point 0 in time"
+            time.sleep(0.1)
+        first = next(p.name for p in tmp_path.glob("multirun/*/*/.submitit/*_0"))
+        signalled = subprocess.run(["scancel", "--signal=USR2", first], env=slurm_cluster.env, capture_output=True,
+                                   text=True)
+        assert signalled.returncode == 0, signalled.stderr
+        output, _ = sweep.communicate(timeout=2 * JOB_TIMEOUT_S)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+    print(f"\n(c) 2-point sweep, one point requeued: {time.monotonic() - start:.0f} s")
+    assert sweep.returncode == 0, output[-4000:]
     sweeps = list((tmp_path / "multirun").glob("*/*"))  # multirun/DATE/TIME, resolved once for every job
     assert len(sweeps) == 1, sweeps
-    sweep = sweeps[0]
-    tasks = sorted(p.name for p in (sweep / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    sweep_dir = sweeps[0]
+    tasks = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
     assert len(tasks) == 2 and tasks[0].split("_")[0] == tasks[1].split("_")[0], tasks  # one array, two jobs
     weights = []
     for point, task in enumerate(tasks):
-        record = slurm_cluster.job(task)
+        record = slurm_cluster.wait(task, 60)  # the launcher returns on the results; the job may be ending
         assert record.get("JobState") == "COMPLETED" and record.get("ArrayTaskId") == str(point), record
-        run_dir = sweep / str(point)
+        assert record.get("Restarts") == ("1" if point == 0 else "0"), record
+        run_dir = sweep_dir / str(point)
         assert f"seed={point}" in (run_dir / ".hydra" / "overrides.yaml").read_text()
-        assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == 5
+        assert json.loads((run_dir / "metrics.json").read_text())["global_step"] == STEPS
+        assert "global_batch_size: 16" in (run_dir / "logs" / "hparams.yaml").read_text()  # 2 tasks of 8
+        assert logged_steps(run_dir) == list(range(STEPS))
         weights.append(checkpoint(run_dir)["state_dict"])
+    job_logs = "".join(p.read_text(errors="replace") for p in (sweep_dir / ".submitit" / tasks[0]).glob("*_log.*"))
+    assert re.search(r"^stopped by SIGUSR2 at step \d+: wrote \S+; requeued SLURM job", job_logs, flags=re.M), job_logs
+    assert "Restored all states from the checkpoint" in job_logs
     assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # two different points
 
 
