@@ -110,8 +110,8 @@ def lightning_reruns_command(trainer) -> bool:
 
 
 def check_launch(cfg, trainer) -> None:
-    """Refuse ``-m`` with a strategy whose processes Lightning starts itself on a local launcher
-    (module docstring); raises ValueError naming the way out."""
+    """Refuse ``-m`` where Lightning would start the run's other processes by running the command
+    line again (module docstring); raises ValueError naming the ways out."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

@@ -158,3 +158,10 @@ def test_torchrun_processes_share_the_default_run_folder(tmp_path):
     assert torch.load(runs[0] / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3
     assert (runs[0] / "metrics.json").is_file()
     assert "global_batch_size: 16" in (runs[0] / "logs" / "hparams.yaml").read_text()  # 8 a process x 2
+
+
+def test_ci_runs_the_readmes_test_command_with_the_slurm_group():
+    command = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert command == "SSL_VIT_SLURM_TESTS=1 make test"
+    assert f"\n{command}    # what CI runs (bash .ci/run)" in (ROOT / "README.md").read_text()
+    assert command in (ROOT / "launch" / "README.md").read_text()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 from types import FrameType
 
 import lightning as L
@@ -83,8 +84,8 @@ class RequeueOnSignal(OptimizerStepCallback):
         self.received = signum  # only a flag: the work waits for the end of the current step
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
+        if stage != "fit" or threading.current_thread() is not threading.main_thread():
+            return  # Python lets only the main thread set signal handlers
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
