@@ -108,6 +108,15 @@ def test_multirun_with_a_strategy_that_reruns_the_command_is_refused(tmp_path):
     assert not list((tmp_path / "sweep").glob("*/checkpoints"))
 
 
+@pytest.mark.slow
+def test_a_local_sweep_runs_each_point_in_its_own_folder(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ssl_vit.train", "-m", "seed=0,1", *TINY, "trainer.max_steps=2"],
+                            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    points = sorted(tmp_path.glob("multirun/*/*/*/metrics.json"))  # multirun/DATE/TIME/N
+    assert [p.parent.name for p in points] == ["0", "1"] and points[0].parent.parent == points[1].parent.parent
+
+
 def _logged_steps(run_dir: Path) -> list[int]:
     with open(run_dir / "logs" / "metrics.csv", newline="") as file:
         return [int(row["step"]) for row in csv.DictReader(file) if row.get("schedule/lr")]
