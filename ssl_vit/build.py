@@ -273,7 +273,6 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     """The Trainer of ``cfg``; ``knn=False`` leaves the k-NN monitor out (data without labels)."""
     ckpt_dir = out_dir / "checkpoints"
     callbacks: list[Any] = [LastCheckpoint(ckpt_dir, cfg.checkpoint_every_n_steps), CollapseMonitor()]
-    callbacks.append(RequeueOnSignal(callbacks[0]))  # SIGUSR1 (SLURM's warning): last.ckpt, requeue, stop
     if cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: quiet logs
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     # The pictures show fixed validation images when the run has a validation split to draw on
@@ -291,6 +290,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))
+    # SIGUSR1 (SLURM's warning before the time limit): callbacks[0], the LastCheckpoint, saves; requeue; stop.
+    callbacks.append(RequeueOnSignal(callbacks[0]))
     trainer_args = to_dict(cfg.trainer)
     trainer_args["precision"] = resolve_precision(trainer_args.get("precision", AUTO),
                                                   trainer_args.get("accelerator", "auto"))
