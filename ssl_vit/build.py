@@ -14,6 +14,8 @@ from omegaconf import DictConfig, ListConfig
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint, StepSeeds
 from ssl_vit.callbacks.pictures import FeaturePictures
 from ssl_vit.callbacks.reconstruction import ReconstructionPictures
+from ssl_vit.callbacks.requeue import RequeueOnSignal
+from ssl_vit.cluster import slurm_plugins
 from ssl_vit.config import backbone_arch, to_dict
 from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.datamodule import SSLDataModule, default_normalization
@@ -296,6 +298,8 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
     if knn and cfg.eval.knn_every_n_steps:
         callbacks.append(KNNMonitor(datamodule, cfg.eval.knn_every_n_steps, cfg.eval.knn_max_train,
                                     cfg.eval.knn_max_eval, skip_last_step=bool(cfg.eval.final_knn)))
+    # SIGUSR1 (SLURM's warning before the time limit): callbacks[0], the LastCheckpoint, saves; requeue; stop.
+    callbacks.append(RequeueOnSignal(saving))
     trainer_args = to_dict(cfg.trainer)
     trainer_args["precision"] = resolve_precision(trainer_args.get("precision", AUTO),
                                                   trainer_args.get("accelerator", "auto"))
@@ -304,6 +308,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
         default_root_dir=str(out_dir),
         logger=build_logger(cfg, out_dir),
         callbacks=callbacks,
+        plugins=slurm_plugins(),  # under SLURM: its ranks, without Lightning's own requeue handler
         enable_checkpointing=False,  # LastCheckpoint writes the one checkpoint a run keeps
         use_distributed_sampler=False,  # the data module's TrainSampler shards by rank itself
         num_sanity_val_steps=0,

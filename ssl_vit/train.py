@@ -4,7 +4,9 @@ All outputs go to the Hydra run folder DIR: checkpoints/last.ckpt (resumed autom
 the same DIR is used again), logs/ (continued, not restarted, by a resumed run), and metrics.json:
 the final k-NN figures (null, with the reason, for images without labels) and fit_seconds, the
 training time of this invocation (without start-up and final k-NN; a resumed run counts anew).
-On SIGTERM (preemption) the run writes its checkpoint and exits with code 143.
+On SIGTERM (preemption) the run writes its checkpoint and exits with code 143; on SIGUSR1 (what
+``#SBATCH --signal=USR1@N`` sends before the time limit) it writes it after the current step and
+requeues its SLURM job (launch/README.md).
 """
 from __future__ import annotations
 
@@ -33,7 +35,9 @@ from ssl_vit.checkpoints import remove_stale_temporaries
 from ssl_vit.resume import ResumeChoice, choose_resume, load_weights, set_aside_checkpoints
 from ssl_vit.callbacks import LastCheckpoint
 from ssl_vit.callbacks.knn import knn_accuracies
+from ssl_vit.callbacks.requeue import RequeueStop
 from ssl_vit.cli import config_errors_exit, run_app
+from ssl_vit.cluster import check_launch
 from ssl_vit.config import build_backbone_from_config
 from ssl_vit.schema import ConfigError
 
@@ -95,6 +99,7 @@ def prepare(cfg: DictConfig, out_dir: Path):
             datamodule.check_knn_splits()  # an evaluation split too small fails now, not after training
         start = start_point(cfg, out_dir, datamodule)
         trainer = build_trainer(cfg, out_dir, datamodule, knn=not knn_skipped)
+        check_launch(cfg, trainer)  # -m with processes Lightning would start itself: refused
         # Schedules and the lr scaling count every process the Trainer runs (torchrun, SLURM, ...).
         method = build_method(cfg, datamodule, world_size=resolved_world_size(cfg, trainer))
         if start.weights_from:
@@ -140,6 +145,8 @@ def train_and_evaluate(cfg: DictConfig, out_dir: Path, datamodule, method, train
             print(f"stopped by SIGTERM at step {saved.saved_step}: wrote {saved.path}; exiting with code "
                   f"{SIGTERM_EXIT_CODE} (start the same command again to resume)", flush=True)
         sys.exit(SIGTERM_EXIT_CODE)
+    except RequeueStop as stop:  # SLURM's warning signal; the callback said what it did (callbacks/requeue.py)
+        sys.exit(0 if stop.requeued else 128 + stop.signum)
     # Training time without start-up or the final k-NN: what a wall-clock budget should count.
     fit_seconds = round(time.perf_counter() - fit_start, 1)
 

@@ -36,6 +36,9 @@ def register() -> None:
     store.store(group="schema/optim", name="adamw", node=AdamWConfig)
     if not OmegaConf.has_resolver("ssl_vit_keys"):  # conf/train.yaml's help template uses it
         OmegaConf.register_new_resolver("ssl_vit_keys", keys_help)
+    from ssl_vit.cluster import register_resolvers
+
+    register_resolvers()  # ${ssl_vit_run_dir:...}: the default run folders (conf/train.yaml, conf/cascade.yaml)
     _registered = True
 
 
