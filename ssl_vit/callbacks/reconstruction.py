@@ -14,7 +14,7 @@ import torch
 from torchvision.utils import make_grid
 
 from ssl_vit.callbacks.pictures import PeriodicPictures
-from ssl_vit.losses.mae import normalized_patch_target, patchify, unpatchify
+from ssl_vit.losses.mae import patchify, unpatchify
 
 GREY = 0.5  # what a removed patch shows in the "masked" row
 

@@ -1,7 +1,6 @@
 """Position encodings: the fixed 2-D sin-cos table, interpolation of learned tables, 2-D RoPE."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,6 @@ position embedding. Input paths:
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

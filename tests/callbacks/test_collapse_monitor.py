@@ -1,6 +1,5 @@
 import warnings
 
-import pytest
 
 from ssl_vit.callbacks.collapse import CollapseMonitor
 

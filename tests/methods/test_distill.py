@@ -2,7 +2,6 @@
 headless teachers through feature distillation, bad input, and the smoke command."""
 from __future__ import annotations
 
-import copy
 import math
 import os
 import subprocess
@@ -12,17 +11,15 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ssl_vit
 from ssl_vit.build import build_datamodule, build_method, validate
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from ssl_vit.losses.feature_distill import cosine_distance
-from ssl_vit.methods import Distillation
 from ssl_vit.methods.frozen_teacher import read_teacher_file, resample_patch_tokens
 from ssl_vit.models import VisionTransformer
 from tests.losses import loss_naive_refs as naive
-from tests.methods.training_helpers import TINY, compose_train, fit
+from tests.methods.training_helpers import compose_train, fit
 
 ROOT = Path(__file__).resolve().parents[2]
 # A student on the tiny synthetic setting: width 96 (the teachers below are 192 or 128 wide).

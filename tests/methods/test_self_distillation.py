@@ -1,5 +1,4 @@
 """DINO / DINOv2 on the real training path: the EMA teacher, gradients, checkpoints, seeds."""
-import copy
 
 import lightning as L
 import pytest

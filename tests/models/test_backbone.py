@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from ssl_vit.models import PRESETS, VisionTransformer, build_backbone, preset
+from ssl_vit.models import VisionTransformer, build_backbone, preset
 from ssl_vit.models.pos_embed import Rope2D, apply_rope, sincos_2d_table
 
 # Backbone parameter counts (no classifier head) from the ViT / DeiT / DINOv2 papers.
