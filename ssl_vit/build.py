@@ -181,10 +181,12 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
     )
     if cfg.model.get("init"):  # student and teacher start from the same outside weights
         method.load_backbone_weights(initial_weights_for(cfg.model.init, backbone_arch(cfg.model)))
-    if cfg.model.get("activation_checkpointing"):
-        for module in method.modules():
-            if isinstance(module, VisionTransformer):
+    for module in method.modules():
+        if isinstance(module, VisionTransformer):
+            if cfg.model.get("activation_checkpointing"):
                 module.set_grad_checkpointing(True)
+            if cfg.model.get("compile"):
+                module.compile_blocks()
     return method
 
 

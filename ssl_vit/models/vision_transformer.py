@@ -101,6 +101,15 @@ class VisionTransformer(nn.Module):
         masks in the recomputation (the random state is restored)."""
         self.grad_checkpointing = bool(enable)
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` each block: its ``forward`` and its multi-crop ``forward_list`` (one
+        compiled graph per block, reused by every block of the same shapes; the crop sizes of a
+        multi-crop call compile once each). A training option (``model.compile``), not part of
+        the architecture: the weights and the state dict are unchanged."""
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, **options)
+            block.forward_list = torch.compile(block.forward_list, **options)
+
     def run_block(self, block_fn, *inputs):
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block_fn, *inputs, use_reentrant=False)

@@ -37,3 +37,5 @@ class ModelConfig:
     init: Optional[str] = setting(None, "start from these backbone weights (a checkpoint or an export)")
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass "
                                              "(less memory, about a third more compute)")
+    compile: bool = setting(False, "torch.compile each transformer block (compiles for a minute or more at the "
+                            "start; on the CPU it needs a C++ compiler)")
