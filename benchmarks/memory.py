@@ -45,8 +45,10 @@ def child(overrides: list[str], steps: int) -> dict:
 
     import ssl_vit  # noqa: F401  (registers the config schemas)
     from ssl_vit.build import build_datamodule, build_method, validate
-    from ssl_vit.methods.param_groups import apply_lr_wd
     from ssl_vit.precision import resolve_precision
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from train_step import optimisation_step  # the same step as benchmarks/train_step.py times
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="train", overrides=["data=synthetic", "data.num_workers=0",
@@ -69,14 +71,7 @@ def child(overrides: list[str], steps: int) -> dict:
         before = peak_mib()
     start = time.perf_counter()
     for step in range(steps):
-        apply_lr_wd(optimizer, method.lr_at(step), method.wd_at(step))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = method.training_step(batch, 0)
-        loss.backward()
-        method.clip_gradients_as_in_paper()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.update_teacher_and_centers(step)
+        optimisation_step(method, optimizer, batch, step, device.type, bf16)
     seconds = (time.perf_counter() - start) / steps
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_mib()
     return {"before_mib": before, "peak_mib": peak, "step_s": seconds, "precision": "bf16" if bf16 else "fp32",

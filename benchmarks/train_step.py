@@ -24,6 +24,19 @@ from ssl_vit.precision import resolve_precision
 CONF = __file__.rsplit("/benchmarks/", 1)[0] + "/conf"
 
 
+def optimisation_step(method, optimizer, batch: dict, step: int, device_type: str, bf16: bool) -> None:
+    """One full step of a self-distillation method without a Trainer: this step's lr / wd, teacher
+    and student forward (bf16 autocast if asked), backward, clipping, AdamW, EMA and centers."""
+    apply_lr_wd(optimizer, method.lr_at(step), method.wd_at(step))
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        loss = method.training_step(batch, 0)
+    loss.backward()
+    method.clip_gradients_as_in_paper()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    method.update_teacher_and_centers(step)
+
+
 def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="train", overrides=["data.num_workers=0"] + overrides)
@@ -50,14 +63,7 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     print(f"precision: {precision}", flush=True)
 
     def step() -> None:
-        apply_lr_wd(optimizer, method.lr_at(0), method.wd_at(0))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = method.training_step(batch, 0)
-        loss.backward()
-        method.clip_gradients_as_in_paper()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        method.update_teacher_and_centers(0)
+        optimisation_step(method, optimizer, batch, 0, device.type, bf16)
 
     def sync() -> None:
         if device.type == "cuda":

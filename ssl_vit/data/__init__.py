@@ -12,9 +12,11 @@ from typing import Any
 _EXPORTS = {
     # datasets.py
     "DATASET_NAMES": "ssl_vit.data.datasets",
-    "EpochShuffleSampler": "ssl_vit.data.datasets",
     "LabelledSubset": "ssl_vit.data.datasets",
     "TransformedDataset": "ssl_vit.data.datasets",
+    # sampler.py
+    "SampleKey": "ssl_vit.data.sampler",
+    "TrainSampler": "ssl_vit.data.sampler",
     "build_dataset": "ssl_vit.data.datasets",
     "build_datasets": "ssl_vit.data.datasets",
     "default_data_root": "ssl_vit.data.datasets",

@@ -232,7 +232,9 @@ class SSLDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        dataset = TransformedDataset(self.get_dataset("train"), self.train_transform, to_rgb=True)
+        # A collate function that draws randomness per batch (iBOT's masks) gets the samples' seeds.
+        dataset = TransformedDataset(self.get_dataset("train"), self.train_transform, to_rgb=True,
+                                     with_seeds=bool(getattr(self.collate_fn, "accepts_sample_seeds", False)))
         if self.batch_size > len(dataset):
             raise ValueError(
                 f"data.batch_size={self.batch_size} is larger than the {len(dataset)} training images of "
@@ -245,8 +247,6 @@ class SSLDataModule(L.LightningDataModule):
         if self._resume_batches:
             self.train_sampler.resume_at(self._resume_batches)
             self._resume_batches = 0
-        # A collate function that draws randomness per batch (iBOT's masks) gets the samples' seeds.
-        dataset.with_seeds = bool(getattr(self.collate_fn, "accepts_sample_seeds", False))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

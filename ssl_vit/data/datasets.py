@@ -1,5 +1,5 @@
 """Shared pieces of the data sets: deterministic splits, labelled subsets, transform wrappers,
-an epoch-seeded sampler and the factory that builds any data set by name.
+and the factory that builds any data set by name (the training sampler: ssl_vit/data/sampler.py).
 
 Every data set of this package returns ``(PIL image, int label)`` pairs; label ``-1`` means
 "unlabelled". Transforms are applied by :class:`TransformedDataset`, which also converts images to
@@ -10,11 +10,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from ssl_vit.data.sampler import SampleKey
 
@@ -189,49 +189,6 @@ class TransformedDataset(Dataset):
         if key is not None and self.with_seeds:
             return image, label, key.seed
         return image, label
-
-
-# ---------------------------------------------------------------------------------------------
-# Sampler
-# ---------------------------------------------------------------------------------------------
-class EpochShuffleSampler(Sampler[int]):
-    """Random order that depends only on ``(seed, epoch)``.
-
-    ``set_epoch(e)`` (called by Lightning before every training epoch, also after a resume) picks
-    the permutation of epoch ``e``; without it, every new iteration moves on to the next epoch.
-    So the data order of a run is reproducible from its seed, and a run resumed at epoch ``e``
-    sees the same order as an uninterrupted one.
-    """
-
-    def __init__(self, num_samples: int, seed: int = 0):
-        if num_samples <= 0:
-            raise ValueError(f"num_samples must be positive, got {num_samples}")
-        self.num_samples = int(num_samples)
-        self.seed = int(seed)
-        self.epoch = 0
-        self._epoch_set = False
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-        self._epoch_set = True
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.num_samples, generator=gen).tolist()
-        if not self._epoch_set:
-            self.epoch += 1
-        self._epoch_set = False
-        return iter(order)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
 
 
 # ---------------------------------------------------------------------------------------------
