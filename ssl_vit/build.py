@@ -185,6 +185,8 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
         if isinstance(module, VisionTransformer):
             if cfg.model.get("activation_checkpointing"):
                 module.set_grad_checkpointing(True)
+            if cfg.model.get("pack_crops"):
+                module.set_crop_packing(True)
             if cfg.model.get("compile"):
                 module.compile_blocks()
     return method

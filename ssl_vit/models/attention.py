@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.pos_embed import apply_rope
 
 RopeTables = tuple[torch.Tensor, torch.Tensor] | None
@@ -49,6 +50,16 @@ class Attention(nn.Module):
             self.attend(qkv, x.shape[0], x.shape[1], rope) for qkv, x, rope in zip(qkv_groups, xs, ropes)
         ]
         return tokenwise(self.proj, attended)
+
+    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables]) -> torch.Tensor:
+        """Packed groups (see ``packing``): the projections run on the packed matrix, attention
+        per group on views of it (block-diagonal: each sequence attends to itself)."""
+        qkv_groups = layout.unpack(self.qkv(x))
+        attended = [
+            self.attend(qkv, batch, tokens, rope)
+            for qkv, (batch, tokens), rope in zip(qkv_groups, layout.groups, ropes)
+        ]
+        return self.proj(layout.pack(attended))
 
     def attention_map(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
         """Softmax attention weights (B, heads, T, T), computed explicitly for inspection."""

@@ -6,6 +6,7 @@ from torch import nn
 
 from ssl_vit.models.attention import Attention, RopeTables, tokenwise
 from ssl_vit.models.layers import DropPath, LayerScale, Mlp, SwiGLU, swiglu_hidden_dim
+from ssl_vit.models.packing import PackedLayout, drop_path_packed
 
 FFN_LAYERS = ("mlp", "swiglu")
 
@@ -49,3 +50,11 @@ class Block(nn.Module):
         xs = [x + self.drop_path1(self.ls1(a)) for x, a in zip(xs, attended)]
         fed = tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), xs)
         return [x + self.drop_path2(f) for x, f in zip(xs, fed)]
+
+    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables]) -> torch.Tensor:
+        """The same computation on packed groups (``packing``): per-token layers once on the
+        packed (tokens, width) matrix, attention per group, drop path per sequence."""
+        attended = self.attn.forward_packed(self.norm1(x), layout, ropes)
+        x = x + drop_path_packed(self.ls1(attended), layout, self.drop_path1.drop_prob, self.training)
+        fed = self.ls2(self.mlp(self.norm2(x)))
+        return x + drop_path_packed(fed, layout, self.drop_path2.drop_prob, self.training)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ssl_vit.models.block import FFN_LAYERS, Block
+from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.patch_embed import PatchEmbed
 from ssl_vit.models.pos_embed import Rope2D, interpolate_pos_embed, sincos_2d_table
 
@@ -92,6 +93,7 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.grad_checkpointing = False  # set_grad_checkpointing(): a training option, not architecture
+        self.pack_crops = False  # set_crop_packing(): likewise
         self.init_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -101,6 +103,13 @@ class VisionTransformer(nn.Module):
         masks in the recomputation (the random state is restored)."""
         self.grad_checkpointing = bool(enable)
 
+    def set_crop_packing(self, enable: bool = True) -> None:
+        """Multi-crop calls keep the tokens of all crop sizes as one packed matrix through the
+        blocks (``packing``: per-token layers once on all tokens, block-diagonal attention per
+        crop size) instead of one tensor per crop size. Same results up to float summation
+        order; which is faster depends on the machine (``benchmarks/packing.py``)."""
+        self.pack_crops = bool(enable)
+
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block: its ``forward`` and its multi-crop ``forward_list`` (one
         compiled graph per block, reused by every block of the same shapes; the crop sizes of a
@@ -109,6 +118,7 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             block.forward = torch.compile(block.forward, **options)
             block.forward_list = torch.compile(block.forward_list, **options)
+            block.forward_packed = torch.compile(block.forward_packed, **options)
 
     def run_block(self, block_fn, *inputs):
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -197,7 +207,8 @@ class VisionTransformer(nn.Module):
         return self.split_tokens(x)
 
     def forward_features_list(self, images: list[torch.Tensor], masks=None) -> list[dict]:
-        """Multi-crop: groups of crops of different sizes go through the blocks together."""
+        """Multi-crop: groups of crops of different sizes go through the blocks together (packed
+        into one token matrix with ``set_crop_packing``)."""
         if masks is None:
             masks = [None] * len(images)
         if len(masks) != len(images):
@@ -205,8 +216,15 @@ class VisionTransformer(nn.Module):
         prepared = [self.prepare_tokens(img, m) for img, m in zip(images, masks)]
         xs = [x for x, _ in prepared]
         ropes = [self.rope_tables(grid) for _, grid in prepared]
-        for block in self.blocks:
-            xs = self.run_block(block.forward_list, xs, ropes)
+        if self.pack_crops:
+            layout = PackedLayout.of(xs)
+            packed = layout.pack(xs)
+            for block in self.blocks:
+                packed = self.run_block(block.forward_packed, packed, layout, ropes)
+            xs = layout.unpack(packed)
+        else:
+            for block in self.blocks:
+                xs = self.run_block(block.forward_list, xs, ropes)
         return [self.split_tokens(x) for x in xs]
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:

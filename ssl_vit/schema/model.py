@@ -39,3 +39,6 @@ class ModelConfig:
                                              "(less memory, about a third more compute)")
     compile: bool = setting(False, "torch.compile each transformer block (compiles for a minute or more at the "
                             "start; on the CPU it needs a C++ compiler)")
+    pack_crops: bool = setting(False, "multi-crop: all crop sizes as one packed token matrix through the blocks "
+                               "(block-diagonal attention); same results, speed by machine "
+                               "(benchmarks/packing.py)")
