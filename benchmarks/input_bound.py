@@ -4,6 +4,7 @@ batches held in memory.
 
     python benchmarks/input_bound.py                     # the default run's config (experiment=cpu)
     python benchmarks/input_bound.py --workers 0,1,2 --steps 60 method=dino
+    python benchmarks/input_bound.py --workers 0,1 data.batched_augmentation=true   # augmentation in the step
 
 Each measurement runs in a fresh subprocess, pipeline and memory alternating (two rounds), so
 that workers, caches and threads of one do not disturb the other. A step is timed from one
@@ -64,7 +65,8 @@ def measure(mode: str, overrides: list[str], workers: int, steps: int, warmup: i
             trainer.fit(method, datamodule=datamodule)
         else:
             source = iter(datamodule.train_dataloader())
-            held = [next(source) for _ in range(4)]  # a few distinct batches, cycled
+            # a few distinct batches, cycled; finished as the Trainer would (data.batched_augmentation)
+            held = [datamodule.on_after_batch_transfer(next(source), 0) for _ in range(4)]
 
             class Held(torch.utils.data.Dataset):
                 def __len__(self):

@@ -48,6 +48,7 @@ def build(overrides: list[str], device: torch.device):
     method = build_method(cfg, datamodule).to(device)
     method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = datamodule.on_after_batch_transfer(batch, 0)  # data.batched_augmentation: finish it here
     return method, method.configure_optimizers(), batch
 
 

@@ -57,6 +57,7 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     method = build_method(cfg, datamodule).to(device)
     method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = datamodule.on_after_batch_transfer(batch, 0)  # data.batched_augmentation: finish it here
     optimizer = method.configure_optimizers()
     precision = resolve_precision(cfg.trainer.precision, device.type)
     bf16 = "bf16" in precision

@@ -51,6 +51,9 @@ def validate(cfg: DictConfig) -> None:
                 f"method.crops.{key}={size} is not a multiple of model.patch_size={patch}; "
                 f"crop sizes must be positive multiples of the patch size"
             )
+    if cfg.data.get("batched_augmentation") and cfg.method.crops.augmentation == SINGLE_VIEW_AUGMENTATION:
+        raise ValueError(f"data.batched_augmentation=true: method={cfg.method.name}'s one-view augmentation runs in "
+                         "the data workers only; the option applies to the multi-crop methods (dino, dinov2, distill)")
     if cfg.get("ckpt_path") and not os.path.isfile(str(cfg.ckpt_path)):
         raise ValueError(f"ckpt_path={cfg.ckpt_path!r} is not a file; give a checkpoint of this framework to resume "
                          "from, or leave it null (a run resumes from DIR/checkpoints/last.ckpt by itself)")
@@ -72,6 +75,7 @@ def build_train_transform_and_collate(cfg: DictConfig, mean, std):
     transform = MultiCropTransform(
         crops.global_size, crops.local_size, crops.n_local, tuple(crops.global_scale), tuple(crops.local_scale),
         mean=mean, std=std, preset=crops.augmentation,
+        defer_augmentation=bool(cfg.data.get("batched_augmentation", False)),
     )
     ibot = cfg.method.get("ibot")
     grid = crops.global_size // cfg.model.patch_size

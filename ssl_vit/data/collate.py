@@ -44,6 +44,7 @@ import numpy as np
 import torch
 
 from ssl_vit.data.masking import BlockMaskGenerator, seed_from_torch
+from ssl_vit.data.transforms.deferred import CropParamsBatch, PendingCrops
 
 __all__ = ["MultiCropCollator", "mask_fields", "stratified_mask_targets"]
 
@@ -216,6 +217,7 @@ class MultiCropCollator:
         if len(samples) == 0:
             raise ValueError("cannot collate an empty batch")
         crops_per_sample: List[List[torch.Tensor]] = []
+        pending: List[PendingCrops] = []
         labels: List[int] = []
         seeds: List[int] = []
         for i, sample in enumerate(samples):
@@ -227,6 +229,9 @@ class MultiCropCollator:
             else:
                 raise ValueError(f"sample {i} must be a pair (crops, label) or a triple (crops, label, seed), "
                                  f"got {type(sample).__name__}")
+            if isinstance(crops, PendingCrops):
+                pending.append(crops)
+                crops = crops.crops
             crops = list(crops)
             crops_per_sample.append(crops)
             labels.append(_label_to_int(label))
@@ -241,6 +246,8 @@ class MultiCropCollator:
             raise ValueError(f"samples have {n_crops} crops, fewer than n_global={self.n_global}")
         B = len(samples)
         g = self.n_global
+        if pending:
+            crops_per_sample = _same_channel_count(crops_per_sample, len(pending), B)
         global_crops = self._stack_crop_major([c[:g] for c in crops_per_sample], "global")
         if n_crops > g:
             local_crops = self._stack_crop_major([c[g:] for c in crops_per_sample], "local")
@@ -250,9 +257,28 @@ class MultiCropCollator:
         if seeds and len(seeds) != B:
             raise ValueError(f"{len(seeds)} of the {B} samples carry a seed: give one to every sample or to none")
         masks = self.make_masks(g * B, rng=self.batch_rng(seeds) if seeds else None)
-        return {
+        batch = {
             "global_crops": global_crops,
             "local_crops": local_crops,
             "labels": torch.tensor(labels, dtype=torch.long),
             **mask_fields(masks),
         }
+        if pending:  # augmentation finished in the training process (transforms.deferred)
+            batch["global_params"] = CropParamsBatch([pending[i].params[v] for v in range(g) for i in range(B)])
+            batch["local_params"] = CropParamsBatch(
+                [pending[i].params[v] for v in range(g, n_crops) for i in range(B)])
+            batch["crop_channels"] = max(p.out_channels for p in pending)
+            batch["gray_images"] = torch.tensor([p.crops[0].shape[0] == 1 for p in pending])
+        return batch
+
+
+def _same_channel_count(crops_per_sample: List[List[torch.Tensor]], n_pending: int, batch: int):
+    """Pending (uint8) crops of gray images have one channel, of colour images three: a batch
+    holding both carries the gray ones replicated to three channels (``finish_batch`` augments
+    them on their first channel, as the workers would)."""
+    if n_pending != batch:
+        raise ValueError(f"{n_pending} of the {batch} samples carry pending crops: all or none must")
+    channels = {c.shape[0] for crops in crops_per_sample for c in crops}
+    if len(channels) == 1:
+        return crops_per_sample
+    return [[c.expand(3, *c.shape[1:]) if c.shape[0] == 1 else c for c in crops] for crops in crops_per_sample]

@@ -41,6 +41,7 @@ from ssl_vit.data.datasets import (
 )
 from ssl_vit.data.sampler import TrainSampler
 from ssl_vit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform
+from ssl_vit.data.transforms.deferred import finish_batch, is_pending
 
 logger = logging.getLogger("ssl_vit.data")
 
@@ -231,6 +232,13 @@ class SSLDataModule(L.LightningDataModule):
         return sum(getattr(dataset, "num_skipped", 0) for dataset in underlying.values())
 
     # -- loaders --------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Training batches of pending crops (``data.batched_augmentation``) are augmented here,
+        after they reached the training device (``transforms.deferred``)."""
+        if is_pending(batch):
+            return finish_batch(self.train_transform, batch)
+        return batch
+
     def train_dataloader(self) -> DataLoader:
         # A collate function that draws randomness per batch (iBOT's masks) gets the samples' seeds.
         dataset = TransformedDataset(self.get_dataset("train"), self.train_transform, to_rgb=True,

@@ -73,6 +73,9 @@ class DataConfig:
                                   "per class for evaluation)")
     batch_size: int = setting(128, "images per process and step", **rule(int_at_least(1)))
     num_workers: int = setting(2, "DataLoader worker processes", **rule(int_at_least(0)))
+    batched_augmentation: bool = setting(False, "multi-crop: workers only cut the crops; colour, blur, solarisation "
+                                         "and normalisation run per batch in the training process, on its "
+                                         "device (same crops)")
     val_size: Any = setting(None, "validation carve-out of the training data: a count or a fraction in (0, 1)",
                             allowed="an integer >= 0 or a fraction in (0, 1)", ok=_val_size_ok)
     split_seed: int = setting(0, "which images form the validation split (independent of seed)")

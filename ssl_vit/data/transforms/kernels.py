@@ -49,8 +49,8 @@ def adjust_hue(x: torch.Tensor, shifts: List[float]) -> torch.Tensor:
     h6 = torch.where(
         maxc == r, g - b, torch.where(maxc == g, (b - r).add_(d, alpha=2.0), (r - g).add_(d, alpha=4.0))
     )
-    h6 = h6.div_(d).add_(torch.tensor(shifts, dtype=torch.float32).mul_(6.0).view(-1, 1, 1))
-    k = torch.remainder(h6.unsqueeze(1) + _HSV_OFFSETS, 6.0)
+    h6 = h6.div_(d).add_(torch.tensor(shifts, dtype=torch.float32, device=x.device).mul_(6.0).view(-1, 1, 1))
+    k = torch.remainder(h6.unsqueeze(1) + _HSV_OFFSETS.to(x.device), 6.0)
     w = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     out = maxc.unsqueeze(1) - delta.unsqueeze(1) * w
     return out.mul_(255.999 / 255.0).clamp_(0.0, 255.0).trunc_()
@@ -124,8 +124,8 @@ class MatrixGaussianBlur:
     def __call__(self, x: torch.Tensor, sigmas: Sequence[Optional[float]]) -> torch.Tensor:
         weights = self.weights(sigmas)
         h, w = x.shape[-2:]
-        a_h = self._matrices(weights, h)
-        a_w = a_h if w == h else self._matrices(weights, w)
+        a_h = self._matrices(weights, h).to(x.device)
+        a_w = a_h if w == h else self._matrices(weights, w).to(x.device)
         n, c = x.shape[:2]
         # x @ A_w^T as one (C*H, W) x (W, W) product per sample, then A_h @ (.) per channel
         y = torch.bmm(x.reshape(n, c * h, w), a_w.view(n, w, w).transpose(1, 2))
@@ -155,14 +155,17 @@ def augment_crops(
     x: torch.Tensor, params: List[CropParams], specs: List[CropSpec], blur: MatrixGaussianBlur
 ) -> torch.Tensor:
     """Flip, colour jitter, grayscale, blur and solarise a batch of same-size crops (float32
-    uint8 values), each crop with its own parameters."""
+    uint8 values), each crop with its own parameters: one image's crops in the workers, or the
+    crops of a whole batch in the training process (``data.batched_augmentation``; on ``x``'s
+    device, with the same result)."""
     n, c = x.shape[:2]
+    device = x.device
     # horizontal flip
     flips = [p.flip for p in params]
     if all(flips):
         x = x.flip(-1)
     elif any(flips):
-        x = torch.where(torch.tensor(flips).view(n, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(torch.tensor(flips, device=device).view(n, 1, 1, 1), x.flip(-1), x)
     # colour jitter, each crop in its own order; saturation and hue are identities on gray
     kept = (BRIGHTNESS, CONTRAST, SATURATION, HUE) if c == 3 else (BRIGHTNESS, CONTRAST)
     orders = [[(op, f) for op, f in p.jitter if op in kept] for p in params]
@@ -188,7 +191,7 @@ def augment_crops(
                         w_s[i] = 1.0 - f
             steps.append((blend, any(w_c), any(w_s), hue))
             rows += [mult, w_c, w_s]
-        coef = torch.tensor(rows, dtype=torch.float32).view(n_steps, 3, n, 1, 1, 1)
+        coef = torch.tensor(rows, dtype=torch.float32, device=device).view(n_steps, 3, n, 1, 1, 1)
         for step, (blend, contrast, saturation, hue) in enumerate(steps):
             if blend:
                 x = blend_step(x, coef[step], contrast, saturation)
@@ -201,7 +204,7 @@ def augment_crops(
     # random grayscale (an identity on one channel)
     gray = [p.grayscale for p in params]
     if c == 3 and any(gray):
-        x = torch.where(torch.tensor(gray).view(n, 1, 1, 1), luma_floor(x), x)
+        x = torch.where(torch.tensor(gray, device=device).view(n, 1, 1, 1), luma_floor(x), x)
     # Gaussian blur
     sigmas = [p.blur_sigma for p in params]
     blurred = [i for i, s in enumerate(sigmas) if s is not None]
@@ -209,9 +212,9 @@ def augment_crops(
         x = blur(x, sigmas)
     elif blurred:
         x[blurred] = blur(x[blurred], [sigmas[i] for i in blurred])
-    # solarisation
-    for i, (p, spec) in enumerate(zip(params, specs)):
-        if p.solarize:
-            xi = x[i]
-            x[i] = torch.where(xi >= spec.solarize_threshold, 255.0 - xi, xi)
+    # solarisation: the pixels at or above the crop's threshold, in the crops that solarise
+    thresholds = [float(spec.solarize_threshold) if p.solarize else math.inf for p, spec in zip(params, specs)]
+    if any(t != math.inf for t in thresholds):
+        at_or_above = x >= torch.tensor(thresholds, device=device).view(n, 1, 1, 1)
+        x = torch.where(at_or_above, 255.0 - x, x)
     return x

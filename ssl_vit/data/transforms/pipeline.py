@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from ssl_vit.data.transforms.deferred import PendingCrops
 from ssl_vit.data.transforms.inputs import ToUint8Image, _PILImage, as_plain_tensor
 from ssl_vit.data.transforms.kernels import MatrixGaussianBlur, augment_crops, resized_crop_uint8
 from ssl_vit.data.transforms.sampling import UNIFORMS_PER_CROP, sample_crop
@@ -28,6 +29,9 @@ class MultiCropTransform:
         mean, std: normalisation (1 or 3 values); default ImageNet's, as in the papers.
         preset: ``"dinov2"`` or ``"dino"`` (default crop scales, see the module docstring).
         grayscale_to_rgb: replicate 1-channel images to 3 channels.
+        defer_augmentation: return each image's uint8 crops and their parameters
+            (:class:`PendingCrops`) and leave the rest of the augmentation to the training
+            process (``deferred.finish_batch``; ``data.batched_augmentation``).
 
     Accepts PIL images, numpy HWC arrays and (C, H, W) / (H, W) tensors (uint8, or float in
     [0, 1]). ``crop_specs`` holds each crop's :class:`CropSpec`; ``global_transform_0``,
@@ -45,6 +49,7 @@ class MultiCropTransform:
         std: Sequence[float] = IMAGENET_STD,
         preset: str = "dinov2",
         grayscale_to_rgb: bool = True,
+        defer_augmentation: bool = False,
     ) -> None:
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -68,6 +73,7 @@ class MultiCropTransform:
         if not isinstance(grayscale_to_rgb, bool):
             raise ValueError(f"grayscale_to_rgb must be a bool, got {grayscale_to_rgb!r}")
         self.grayscale_to_rgb = grayscale_to_rgb
+        self.defer_augmentation = bool(defer_augmentation)
 
         self.to_image = ToUint8Image()
         self.global_spec_0 = CropSpec(self.global_size, self.global_scale, blur_p=BLUR_P_GLOBAL_0)
@@ -167,20 +173,29 @@ class MultiCropTransform:
         for size, group, specs in groups:
             out_size = list(size)
             x = torch.cat([resized_crop_uint8(img, p, out_size) for p in group]).to(torch.float32)
-            x = augment_crops(x, group, specs, self._blur[size])
-            crops.extend(self._normalize(x, out_channels).unbind(0))
+            x = self.augment_group(x, group, specs)
+            crops.extend(self.normalize(x, out_channels).unbind(0))
         return crops
 
-    def _normalize(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+    def augment_group(self, x: torch.Tensor, params: List[CropParams], specs: List[CropSpec]) -> torch.Tensor:
+        """Flip, colour, blur and solarise same-size crops (float32 holding uint8 values): one
+        image's, or a whole batch's (``deferred.finish_batch``)."""
+        return augment_crops(x, params, specs, self._blur[specs[0].size])
+
+    def normalize(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
         """ToDtype(float32, scale=True) + Normalize, fused as ``x * scale + shift``; replicates a
         1-channel batch to ``out_channels``."""
-        scale, shift = self._norm[out_channels]
+        scale, shift = (t.to(x.device) for t in self._norm[out_channels])
         return torch.addcmul(shift, x, scale)
 
     def __call__(self, image: Any) -> List[torch.Tensor]:
         img, in_channels = self._load(image)
         out_channels = 3 if (self.grayscale_to_rgb or in_channels == 3) else 1
         params = self._sample_params(img.shape[-2], img.shape[-1])
+        if self.defer_augmentation:
+            sizes = [list(spec.size) for spec in self.crop_specs]
+            crops = [resized_crop_uint8(img.unsqueeze(0), p, size)[0] for p, size in zip(params, sizes)]
+            return PendingCrops(crops, params, out_channels)
         return self._apply(img, params, out_channels)
 
     def __repr__(self) -> str:
@@ -188,7 +203,8 @@ class MultiCropTransform:
             f"{type(self).__name__}(preset={self.preset!r}, global_size={self.global_size}, "
             f"local_size={self.local_size}, n_local={self.n_local}, "
             f"global_scale={self.global_scale}, local_scale={self.local_scale}, "
-            f"mean={self.mean}, std={self.std}, grayscale_to_rgb={self.grayscale_to_rgb})"
+            f"mean={self.mean}, std={self.std}, grayscale_to_rgb={self.grayscale_to_rgb}, "
+            f"defer_augmentation={self.defer_augmentation})"
         )
 
 
