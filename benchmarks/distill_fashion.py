@@ -12,6 +12,7 @@
    the same training time as the stage itself (the teacher's time is not counted).
 
     python benchmarks/distill_fashion.py --distill-overrides method.teacher_temp=0.02 ...   # distillation runs only
+    python benchmarks/distill_fashion.py --split val --teacher-from OUT --stages base --no-twins ...   # tuning
 
 Step counts come from measured seconds per step (two short calibration runs of each setting, as
 ``knn_fashion.py`` does); the reported minutes are the runs' own training times. Every backbone
@@ -57,7 +58,7 @@ def cpu_kind() -> str:
     return ", ".join(native) if native else "no native bf16 (AVX2: fp32)"
 
 
-def knn_test(run_dir: Path, model_overrides: list[str], bank: int) -> tuple[float, float]:
+def knn_test(run_dir: Path, model_overrides: list[str], bank: int, split: str = "test") -> tuple[float, float]:
     """(k-NN top-1 of the run's final backbone, of the same architecture at random init)."""
     import lightning as L
     from hydra import compose, initialize_config_dir
@@ -73,10 +74,11 @@ def knn_test(run_dir: Path, model_overrides: list[str], bank: int) -> tuple[floa
         cfg = compose(config_name="train", overrides=["method=dinov2"] + model_overrides)
     L.seed_everything(cfg.seed, verbose=False)
     random_init = build_backbone_from_config(cfg.model)
-    datamodule = SSLDataModule(dataset="fashion_mnist", image_size=cfg.method.crops.global_size, eval_batch_size=512)
+    datamodule = SSLDataModule(dataset="fashion_mnist", image_size=cfg.method.crops.global_size, eval_batch_size=512,
+                               val_size=cfg.data.val_size, split_seed=cfg.data.split_seed)  # the runs' val split
     datamodule.prepare_data()
     datamodule.setup("fit")
-    loaders = datamodule.knn_dataloaders("test", max_train=bank)
+    loaders = datamodule.knn_dataloaders(split, max_train=bank)
     dtype = torch.bfloat16 if fast_bf16("cpu") else None
     trained_top1, random_top1 = knn_accuracies([trained, random_init], *loaders, "cpu", autocast_dtype=dtype)
     return trained_top1, random_top1
@@ -91,11 +93,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "distill_fashion")
     parser.add_argument("--distill-overrides", nargs="*", default=[],
                         help="overrides for the distillation stages only (the other arguments go to every run)")
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="k-NN queries: the test split (reports) or the validation split (tuning)")
+    parser.add_argument("--teacher-from", type=Path, default=None,
+                        help="reuse the teacher of an earlier --out folder instead of training one")
+    parser.add_argument("--stages", nargs="+", choices=list(STUDENTS), default=list(STUDENTS),
+                        help="the distillation stages to run, in cascade order")
+    parser.add_argument("--no-twins", action="store_true", help="skip the from-scratch twins (tuning runs)")
     args, overrides = parser.parse_known_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     settings = {"overrides": overrides, "distill_overrides": args.distill_overrides,
-                "teacher_minutes": args.teacher_minutes, "stage_minutes": args.stage_minutes}
+                "teacher_minutes": args.teacher_minutes, "stage_minutes": args.stage_minutes, "split": args.split,
+                "teacher_from": str(args.teacher_from) if args.teacher_from else None}
     results = json.loads(results_file.read_text()) if results_file.exists() else {**settings, "runs": {}}
     if {k: results.get(k) for k in settings} != settings:
         raise SystemExit(f"{results_file} holds runs of other settings ({ {k: results.get(k) for k in settings} }): "
@@ -105,8 +115,13 @@ def main() -> None:
     def save() -> None:
         results_file.write_text(json.dumps(results, indent=2))
 
-    def trained(name: str, base: list[str], seconds: float, model: list[str]) -> dict:
-        """Train ``name`` for ``seconds`` of training (planned from a measured step time), once."""
+    def trained(name: str, base: list[str], seconds: float, model: list[str], folder: Path | None = None) -> dict:
+        """Train ``name`` for ``seconds`` of training (planned from a measured step time), once;
+        a run of another folder (``--teacher-from``) is only scored."""
+        if name not in runs and folder is not None:
+            runs[name] = {k: v for k, v in json.loads((folder / "results.json").read_text())["runs"][name].items()
+                          if k in ("steps", "fit_s", "planned_seconds_per_step")}
+        folder = folder or args.out
         if name not in runs:
             per_step = seconds_per_step(args.out, name, base + overrides, args.calibration_steps)
             steps = max(1, int(seconds / per_step))
@@ -115,24 +130,30 @@ def main() -> None:
             runs[name] = {"steps": steps, "fit_s": fit, "planned_seconds_per_step": round(per_step, 4)}
             save()
         if "knn_top1" not in runs[name]:
-            runs[name]["knn_top1"], runs[name]["knn_top1_random_init"] = knn_test(args.out / name, model,
-                                                                                  args.knn_bank)
+            runs[name]["knn_top1"], runs[name]["knn_top1_random_init"] = knn_test(folder / name, model,
+                                                                                  args.knn_bank, args.split)
             save()
         return runs[name]
 
-    teacher = trained("teacher", ["method=dinov2"], args.teacher_minutes * 60, [])
-    previous = args.out / "teacher" / "checkpoints" / "last.ckpt"
-    for stage, model in STUDENTS.items():
+    teacher = trained("teacher", ["method=dinov2"], args.teacher_minutes * 60, [], args.teacher_from)
+    previous = (args.teacher_from or args.out) / "teacher" / "checkpoints" / "last.ckpt"
+    for stage in args.stages:
+        model = STUDENTS[stage]
         distilled = trained(stage, ["method=distill", f"method.teacher.checkpoint={previous}"] + model
                             + args.distill_overrides, args.stage_minutes * 60, model)
-        trained(f"{stage}_scratch", ["method=dinov2"] + model, distilled["fit_s"], model)
+        if not args.no_twins:
+            trained(f"{stage}_scratch", ["method=dinov2"] + model, distilled["fit_s"], model)
         previous = args.out / stage / "checkpoints" / "last.ckpt"
 
-    print(f"\nk-NN top-1, test split (bank: {args.knn_bank} training images), CPU: {cpu_kind()}")
+    print(f"\nk-NN top-1, {args.split} split (bank: {args.knn_bank} training images), CPU: {cpu_kind()}")
     row = "{:<14} {:>6} steps {:>5.1f} min  knn_top1={:.4f}  (random init {:.4f})"
     print(row.format("teacher", teacher["steps"], teacher["fit_s"] / 60, teacher["knn_top1"],
                      teacher["knn_top1_random_init"]))
-    for stage in STUDENTS:
+    for stage in args.stages:
+        if args.no_twins:
+            r = runs[stage]
+            print(row.format(stage, r["steps"], r["fit_s"] / 60, r["knn_top1"], r["knn_top1_random_init"]))
+            continue
         for name in (stage, f"{stage}_scratch"):
             r = runs[name]
             print(row.format(name, r["steps"], r["fit_s"] / 60, r["knn_top1"], r["knn_top1_random_init"]))

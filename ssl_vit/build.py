@@ -189,6 +189,7 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
         if isinstance(module, VisionTransformer):
             if cfg.model.get("activation_checkpointing"):
                 module.set_grad_checkpointing(True)
+            module.set_attention_kernel(cfg.model.get("attention", "auto"))
             if cfg.model.get("pack_crops"):
                 module.set_crop_packing(True)
             if cfg.model.get("compile"):

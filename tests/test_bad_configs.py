@@ -64,6 +64,8 @@ VALIDATE_ERRORS = [
     (["trainer.deterministic=sometimes"], r"trainer\.deterministic='sometimes'; allowed: true, false or warn"),
     (["model.depth=0"], r"model\.depth=0; allowed: an integer >= 1"),
     (["model.pos_embed=rope2"], r"model\.pos_embed='rope2'; allowed: one of learned, sincos, rope"),
+    (["model.attention=flash"], r"model\.attention='flash'; allowed: one of auto, sdpa, explicit"),
+    (["method=mae", "data.batched_augmentation=true"], r"data\.batched_augmentation=true: method=mae"),
     (["model.drop_path_rate=1.5"], r"model\.drop_path_rate=1\.5; allowed: a number in \[0, 1\)"),
     (["method.teacher_temp=-1"], r"method\.teacher_temp=-1\.0; allowed: a number > 0"),
     (["method.momentum_teacher=2"], r"method\.momentum_teacher=2\.0; allowed: a number in \[0, 1\]"),

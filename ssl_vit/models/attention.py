@@ -9,6 +9,10 @@ from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.pos_embed import apply_rope
 
 RopeTables = tuple[torch.Tensor, torch.Tensor] | None
+# "sdpa": torch's scaled_dot_product_attention (its flash / memory-efficient kernels);
+# "explicit": softmax(q k^T) v as three plain operations; "auto": sdpa on accelerators,
+# explicit on the CPU, where benchmarks/attention.py measured it faster fwd+bwd (docs/benchmarks.md).
+ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 
 
 class Attention(nn.Module):
@@ -21,6 +25,10 @@ class Attention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.kernel = "auto"  # a speed choice, not architecture: VisionTransformer.set_attention_kernel
+
+    def use_explicit(self, device: torch.device) -> bool:
+        return self.kernel == "explicit" or (self.kernel == "auto" and device.type == "cpu")
 
     def split_heads(self, qkv: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, ...]:
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -31,9 +39,9 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(qkv, batch, tokens)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if q.device.type == "cpu":
-            # Measured on this project's CPUs: plain softmax(q k^T) v runs forward+backward 2.5-5x
-            # faster than the CPU flash kernel at ViT sequence lengths (17-197 tokens).
+        if self.use_explicit(q.device):
+            # On the CPU, plain softmax(q k^T) v ran forward+backward faster than torch's CPU flash
+            # kernel at ViT sequence lengths (benchmarks/attention.py; model.attention switches).
             out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)

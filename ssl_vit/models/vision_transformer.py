@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ssl_vit.models.attention import ATTENTION_KERNELS
 from ssl_vit.models.block import FFN_LAYERS, Block
 from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.patch_embed import PatchEmbed
@@ -109,6 +110,15 @@ class VisionTransformer(nn.Module):
         crop size) instead of one tensor per crop size. Same results up to float summation
         order; which is faster depends on the machine (``benchmarks/packing.py``)."""
         self.pack_crops = bool(enable)
+
+    def set_attention_kernel(self, kernel: str) -> None:
+        """``"auto"`` (SDPA on accelerators, the explicit softmax(qk^T)v on the CPU), ``"sdpa"`` or
+        ``"explicit"`` in every block (``attention.ATTENTION_KERNELS``); same results up to float
+        rounding, speed by machine (``benchmarks/attention.py``)."""
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
+        for block in self.blocks:
+            block.attn.kernel = kernel
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` each block: its ``forward`` and its multi-crop ``forward_list`` (one

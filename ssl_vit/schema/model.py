@@ -7,6 +7,7 @@ from typing import Optional
 
 from omegaconf import MISSING
 
+from ssl_vit.models.attention import ATTENTION_KERNELS
 from ssl_vit.models.vision_transformer import FFN_LAYERS, POS_EMBEDS
 from ssl_vit.schema.fields import int_at_least, number_at_least, number_in, one_of, rule, setting
 
@@ -39,6 +40,9 @@ class ModelConfig:
                                              "(less memory, about a third more compute)")
     compile: bool = setting(False, "torch.compile each transformer block (compiles for a minute or more at the "
                             "start; on the CPU it needs a C++ compiler)")
+    attention: str = setting("auto", "attention kernel: auto (sdpa on GPUs, explicit on the CPU) | sdpa | explicit "
+                             "(softmax(qk^T)v); same results, speed by machine (benchmarks/attention.py)",
+                             **rule(one_of(ATTENTION_KERNELS)))
     pack_crops: bool = setting(False, "multi-crop: all crop sizes as one packed token matrix through the blocks "
                                "(block-diagonal attention); same results, speed by machine "
                                "(benchmarks/packing.py)")

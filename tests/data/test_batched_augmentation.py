@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
-from ssl_vit.build import build_datamodule, validate
+from ssl_vit.build import build_datamodule
 from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.data.transforms.deferred import CropParamsBatch, PendingCrops, finish_batch
@@ -98,9 +97,3 @@ def test_a_training_run_feeds_the_model_finished_float_crops():
     spy = _CropDtypes()
     _, _, _, trainer = fit(["data.batched_augmentation=true"], max_steps=2, callbacks=[spy])
     assert trainer.global_step == 2 and spy.seen == [torch.float32, torch.float32]
-
-
-def test_mae_refuses_the_option_before_training():
-    cfg = compose_train(["method=mae", "data=synthetic", "data.batched_augmentation=true"])
-    with pytest.raises(ValueError, match="data.batched_augmentation=true: method=mae"):
-        validate(cfg)

@@ -97,3 +97,25 @@ def test_the_config_key_packs_every_backbone_and_the_step_loss_is_unchanged():
         torch.manual_seed(1)
         losses.append(method.training_step(batch, 0).detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
+
+
+def test_attention_kernels_agree_and_the_config_key_chooses_one():
+    """model.attention: the explicit softmax(qk^T)v and torch's SDPA compute the same attention."""
+    images = [torch.randn(4, 3, 16, 16), torch.randn(8, 3, 8, 8)]
+    model = _model(drop_path_rate=0.0)
+    model.set_attention_kernel("explicit")
+    outs, grads = _outputs_and_grads(model, images, None)
+    model.set_attention_kernel("sdpa")
+    sdpa_outs, sdpa_grads = _outputs_and_grads(model, images, None)
+    for out, other in zip(outs, sdpa_outs):
+        for key in out:
+            torch.testing.assert_close(other[key], out[key], rtol=0, atol=1e-5, msg=key)
+    for name in grads:
+        torch.testing.assert_close(sdpa_grads[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        model.set_attention_kernel("flash")
+    cfg = compose_train(["data=synthetic", "data.options.num_samples=64", "data.val_size=16", "model.depth=1",
+                         "model.attention=sdpa"])
+    method = build_method(cfg, build_datamodule(cfg))
+    kernels = {m.kernel for m in method.modules() if type(m).__name__ == "Attention"}
+    assert kernels == {"sdpa"}
