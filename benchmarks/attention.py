@@ -41,6 +41,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reps", type=int, default=20, help="timed calls per kernel (after 3 warm-up)")
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    parser.add_argument("--sweep", nargs="*", type=int, default=[17, 37, 65, 101, 145, 197, 257],
+                        help="also time single groups of these token counts (width 384, 6 heads, ~6k tokens "
+                             "per call) to find where the kernels cross over")
     args = parser.parse_args()
     print(f"threads {torch.get_num_threads()}, native bf16: {fast_bf16('cpu')}")
     for precision in args.precisions:
@@ -58,9 +61,24 @@ def main() -> None:
                     seconds = sum(time_kernel(attn, qkv, b, t, dtype) for qkv, b, t in inputs)
                     if rep >= 3:
                         times[kernel].append(seconds)
-            sdpa, explicit = (statistics.median(times[k]) for k in ("sdpa", "explicit"))
-            print(f"{precision} {title}: sdpa {1e3 * sdpa:.1f} ms, explicit {1e3 * explicit:.1f} ms "
-                  f"(fwd+bwd of all crop groups); sdpa/explicit = {sdpa / explicit:.2f}", flush=True)
+            report(f"{precision} {title}", times)
+        for tokens in args.sweep:
+            attn, batch = Attention(384, 6), max(1, 6144 // tokens)
+            qkv = torch.randn(batch, tokens, 3 * 384)
+            times = {"sdpa": [], "explicit": []}
+            for rep in range(args.reps + 3):
+                for kernel in times:
+                    attn.kernel = kernel
+                    seconds = time_kernel(attn, qkv, batch, tokens, dtype)
+                    if rep >= 3:
+                        times[kernel].append(seconds)
+            report(f"{precision} {tokens} tokens x {batch} sequences, width 384, 6 heads", times)
+
+
+def report(title: str, times: dict[str, list[float]]) -> None:
+    sdpa, explicit = (statistics.median(times[k]) for k in ("sdpa", "explicit"))
+    print(f"{title}: sdpa {1e3 * sdpa:.1f} ms, explicit {1e3 * explicit:.1f} ms (fwd+bwd); "
+          f"sdpa/explicit = {sdpa / explicit:.2f}", flush=True)
 
 
 if __name__ == "__main__":
