@@ -41,28 +41,14 @@ def peak_mib() -> float:
 
 def child(overrides: list[str], steps: int) -> dict:
     import torch
-    from hydra import compose, initialize_config_dir
 
-    import ssl_vit  # noqa: F401  (registers the config schemas)
-    from ssl_vit.build import build_datamodule, build_method, validate
     from ssl_vit.precision import resolve_precision
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from train_step import optimisation_step  # the same step as benchmarks/train_step.py times
+    from train_step import optimisation_step, prepared_step  # the step benchmarks/train_step.py times
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="train", overrides=["data=synthetic", "data.num_workers=0",
-                                                      "data.options.num_samples=256"] + overrides)
-    validate(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
-    method = build_method(cfg, datamodule).to(device)
-    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    optimizer = method.configure_optimizers()
+    cfg, _, method, optimizer, batch = prepared_step(overrides, device)
     bf16 = "bf16" in resolve_precision(cfg.trainer.precision, device.type)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

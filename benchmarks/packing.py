@@ -22,34 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_speed import CONFIGS  # noqa: E402  (sibling benchmark scripts)
-from train_step import optimisation_step  # noqa: E402
+from train_step import optimisation_step, prepared_step  # noqa: E402
 
-from ssl_vit.build import build_datamodule, build_method, validate  # noqa: E402
 from ssl_vit.models.vision_transformer import VisionTransformer  # noqa: E402
 from ssl_vit.precision import fast_bf16  # noqa: E402
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SETTINGS = {name: list(CONFIGS[name].overrides) for name in ("cpu", "vit_small", "tiny")}
-
-
-def build(overrides: list[str], device: torch.device):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        cfg = compose(config_name="train", overrides=["method=dinov2", "data=synthetic", "data.num_workers=0",
-                                                      "data.options.num_samples=256"] + overrides)
-    validate(cfg)
-    datamodule = build_datamodule(cfg)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
-    method = build_method(cfg, datamodule).to(device)
-    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-    batch = datamodule.on_after_batch_transfer(batch, 0)  # data.batched_augmentation: finish it here
-    return method, method.configure_optimizers(), batch
 
 
 def set_packing(method, enable: bool) -> None:
@@ -59,7 +40,7 @@ def set_packing(method, enable: bool) -> None:
 
 
 def compare(setting: str, precision: str, steps: int, device: torch.device) -> float:
-    method, optimizer, batch = build(SETTINGS[setting], device)
+    _, _, method, optimizer, batch = prepared_step(["method=dinov2"] + SETTINGS[setting], device)
     bf16 = precision == "bf16"
     times: dict[bool, list[float]] = {False: [], True: []}
     for i in range(steps + 2):

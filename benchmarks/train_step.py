@@ -37,6 +37,25 @@ def optimisation_step(method, optimizer, batch: dict, step: int, device_type: st
     method.update_teacher_and_centers(step)
 
 
+def prepared_step(overrides: list[str], device: torch.device):
+    """(cfg, datamodule, method, optimizer, batch) of a training config's step on synthetic data,
+    without a Trainer: the method on ``device`` and one batch of the real multi-crop pipeline,
+    finished as the Trainer would (``data.batched_augmentation``)."""
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        cfg = compose(config_name="train", overrides=["data=synthetic", "data.num_workers=0",
+                                                      "data.options.num_samples=256"] + overrides)
+    validate(cfg)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    method = build_method(cfg, datamodule).to(device)
+    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = datamodule.on_after_batch_transfer(batch, 0)
+    return cfg, datamodule, method, method.configure_optimizers(), batch
+
+
 def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="train", overrides=["data.num_workers=0"] + overrides)
