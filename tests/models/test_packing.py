@@ -119,3 +119,16 @@ def test_attention_kernels_agree_and_the_config_key_chooses_one():
     method = build_method(cfg, build_datamodule(cfg))
     kernels = {m.kernel for m in method.modules() if type(m).__name__ == "Attention"}
     assert kernels == {"sdpa"}
+
+
+def test_packed_blocks_checkpoint_like_unpacked_ones():
+    """Activation checkpointing recomputes packed blocks with the same drop-path draws."""
+    images = [torch.randn(4, 3, 16, 16), torch.randn(8, 3, 8, 8)]
+    model = _model()
+    model.set_crop_packing(True)
+    outs, grads = _outputs_and_grads(model, images, None)
+    model.set_grad_checkpointing(True)
+    outs_ckpt, grads_ckpt = _outputs_and_grads(model, images, None)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(outs, outs_ckpt) for k in a)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
