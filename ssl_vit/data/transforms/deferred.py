@@ -23,8 +23,6 @@ import torch
 
 from ssl_vit.data.transforms.spec import CropParams
 
-PARAM_KEYS = ("global_params", "local_params")
-
 
 @dataclass
 class PendingCrops:
