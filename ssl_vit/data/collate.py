@@ -268,7 +268,8 @@ class MultiCropCollator:
             batch["local_params"] = CropParamsBatch(
                 [pending[i].params[v] for v in range(g, n_crops) for i in range(B)])
             batch["crop_channels"] = max(p.out_channels for p in pending)
-            batch["gray_images"] = torch.tensor([p.crops[0].shape[0] == 1 for p in pending])
+            # plain bools, not a tensor: reading them on the device would synchronise every step
+            batch["gray_images"] = tuple(p.crops[0].shape[0] == 1 for p in pending)
         return batch
 
 

@@ -64,7 +64,7 @@ def finish_batch(transform, batch: Dict) -> Dict:
     for crops_key, params_key, specs in groups:
         params = out.pop(params_key).params
         crop_major_specs = [spec for spec in specs for _ in range(len(gray_images))]
-        gray = gray_images.repeat(len(specs)).tolist()  # crop-major, like the crops
+        gray = list(gray_images) * len(specs)  # crop-major, like the crops
         x = out[crops_key].to(torch.float32)
         if all(gray) or not any(gray):
             out[crops_key] = transform.normalize(transform.augment_group(x, params, crop_major_specs), channels)
