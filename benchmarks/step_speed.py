@@ -26,13 +26,16 @@ memory (no data loading is timed):
   biases / norms), one global gradient-norm clip, and the EMA by ``update_momentum``. Timed: the
   lr / weight-decay update, forward, backward, clipping, AdamW, zero_grad and EMA.
 * **backbones**: forward + backward (loss: mean square of the [CLS] output) of ssl_vit's
-  ``VisionTransformer`` and of timm's ``VisionTransformer`` as shipped (its defaults, only the
+  ``VisionTransformer`` (every token through the last block, as timm computes) and of timm's ``VisionTransformer`` as shipped (its defaults, only the
   size set) on ``data.batch_size`` global crops.
 
 Both steps get the same model size, crops, batch, prototypes, masks (the project's collator:
 same masking ratio), precision and thread count; neither uses ``torch.compile``. The first step
 of each side is run under ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention kernels
-registered) and is not timed; then ``--warmup`` and ``--steps`` steps. Medians and min-max are
+registered) and is not timed; then ``--warmup`` and ``--steps`` steps. ssl_vit's step skips
+the last block's work for the tokens no loss reads (``model.prune_last_block``, the default),
+so its count is lower; the check that both sides do the same work before that saving counts
+one more, untimed, bare ssl_vit step with ``model.prune_last_block=false``. Medians and min-max are
 printed, with the GFLOP/s reached against the machine's matrix-product ceiling (a large
 ``torch.mm``, fp32 and, where native, bf16). The last line is
 
@@ -108,6 +111,7 @@ def _sibling(name: str):
 _flops = _sibling("flops")  # FLOP counting with the CPU attention kernels registered
 count_flops, flop_counter, flops_by_op = _flops.count_flops, _flops.flop_counter, _flops.flops_by_op
 _reference = _sibling("lightly_dinov2")  # the lightly-built DINOv2 step
+_train_step = _sibling("train_step")  # the bare ssl_vit step (no Trainer)
 LightlyDINOv2, timm_vit = _reference.LightlyDINOv2, _reference.timm_vit
 
 
@@ -291,6 +295,9 @@ class PrecisionResult:
     ssl_backbone: Timing | None = None
     timm_backbone: Timing | None = None
     analytic_backbone_flops: float = 0.0
+    # FLOPs of the ssl_vit step with model.prune_last_block=false (every token through the last
+    # block, as the peers compute): the check that both sides do the same work before the saving.
+    unpruned_step_flops: dict[str, int] = field(default_factory=dict)
     changed: dict[str, float] = field(default_factory=dict)  # fraction of parameters a run changed
     losses: dict[str, float] = field(default_factory=dict)
 
@@ -357,14 +364,28 @@ def time_steps(cfg, datamodule, batches: list[dict], precision: str, warmup: int
     )
 
 
+def unpruned_step_flops(cfg, datamodule, batch: dict, precision: str) -> dict[str, int]:
+    """FLOPs by op of one bare ssl_vit step (``train_step.optimisation_step``) of ``cfg`` with
+    ``model.prune_last_block=false``: the work the peers do, for the FLOP agreement."""
+    from ssl_vit.build import build_method
+
+    unpruned = copy.deepcopy(cfg)
+    unpruned.model.prune_last_block = False
+    method = build_method(unpruned, datamodule)
+    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
+    optimizer = method.configure_optimizers()
+    return count_flops(lambda: _train_step.optimisation_step(method, optimizer, batch, 0, "cpu", precision == "bf16"))
+
+
 def time_backbones(cfg, images: torch.Tensor, precision: str, warmup: int, steps: int) -> tuple[Timing, Timing]:
     """Forward+backward of ssl_vit's VisionTransformer and timm's, alternating."""
     from ssl_vit.config import build_backbone_from_config
 
     bf16 = precision == "bf16"
     torch.manual_seed(cfg.seed)
-    nets = {"ssl_vit backbone fwd+bwd": build_backbone_from_config(cfg.model).train(),
-            "timm backbone fwd+bwd": timm_vit(cfg.model).train()}
+    ours = build_backbone_from_config(cfg.model).train()
+    ours.set_last_block_pruning(False)  # timm's work: every token through the last block
+    nets = {"ssl_vit backbone fwd+bwd": ours, "timm backbone fwd+bwd": timm_vit(cfg.model).train()}
 
     def step(net) -> None:
         net.zero_grad(set_to_none=True)
@@ -412,6 +433,8 @@ def run_config(name: str, precisions: list[str], warmup: int, steps: int, n_batc
             cfg = compose_config(name, precision, extra)
             print(f"  [{name} {precision}] timing the steps ...", flush=True)
             result = time_steps(cfg, datamodule, batches, precision, warmup, steps, f"{out_dir}/{precision}")
+            if cfg.model.prune_last_block:
+                result.unpruned_step_flops = unpruned_step_flops(cfg, datamodule, batches[0], precision)
             if backbone:
                 print(f"  [{name} {precision}] timing the backbones ...", flush=True)
                 images = batches[0]["global_crops"][: cfg.data.batch_size]
@@ -470,7 +493,15 @@ def format_table(result: ConfigResult, ceilings: dict[str, float], tolerance: fl
                 rate = gflop / med
                 of = f"{rate / ceiling:.0%}" if ceiling else "-"
                 lines.append(f"   {t.label:30s} {med:9.3f} {lo:8.3f} - {hi:6.3f} {gflop:11.2f} {rate:8.1f} {of:>10s}")
-            lines.extend(flop_agreement(ours, theirs, tolerance)[1])
+            if what == "step" and r.unpruned_step_flops:
+                saved = 1 - ours.total_flops / sum(r.unpruned_step_flops.values())
+                lines.append(f"    FLOPs {theirs.label.split()[0]}/{ours.label.split()[0]} = "
+                             f"{theirs.total_flops / ours.total_flops:.4f} as timed: ssl_vit's last block computes "
+                             f"only the tokens a loss reads (model.prune_last_block), {saved:.1%} of its step's FLOPs")
+                unpruned = Timing("ssl_vit step, model.prune_last_block=false", [], r.unpruned_step_flops)
+                lines.extend(flop_agreement(unpruned, theirs, tolerance)[1])
+            else:
+                lines.extend(flop_agreement(ours, theirs, tolerance)[1])
             if what == "backbone" and r.analytic_backbone_flops:
                 lines.append(f"    analytic count of the blocks (benchmarks/backbone.py, 3x forward): "
                              f"{r.analytic_backbone_flops / 1e9:.2f} GFLOP")

@@ -192,6 +192,7 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
             module.set_attention_kernel(cfg.model.get("attention", "auto"))
             if cfg.model.get("pack_crops"):
                 module.set_crop_packing(True)
+            module.set_last_block_pruning(cfg.model.get("prune_last_block", True))
             if cfg.model.get("compile"):
                 module.compile_blocks()
     return method

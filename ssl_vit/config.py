@@ -8,7 +8,8 @@ from omegaconf import DictConfig, OmegaConf
 from ssl_vit.models import VisionTransformer, build_backbone
 
 # Keys of the model group that are not VisionTransformer arguments.
-MODEL_META_KEYS = ("name", "init", "activation_checkpointing", "compile", "pack_crops", "attention")  # not arguments of VisionTransformer
+MODEL_META_KEYS = ("name", "init", "activation_checkpointing", "compile", "pack_crops", "attention",
+                   "prune_last_block")  # not arguments of VisionTransformer
 
 
 def to_dict(node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

@@ -48,10 +48,10 @@ class DINOv2(SelfDistillationMethod):
 
     @torch.no_grad()
     def teacher_targets(self, globals_: torch.Tensor, masks: torch.Tensor, temp: float):
-        out = self.teacher.backbone.forward_features(globals_)
+        out = self.teacher.backbone.forward_cls_and_patches(globals_, patches=masks)
         cls_logits, patch_logits = cls_and_patch_logits(  # patches: (M, K), the masked ones, row-major
             self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
-            out["x_norm_patchtokens"][masks])
+            out["x_norm_selected_patchtokens"])
         if self.cfg["centering"] == "sinkhorn_knopp":
             cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
             patch_targets = self.ibot_loss.sinkhorn_teacher(patch_logits, temp)
@@ -68,15 +68,17 @@ class DINOv2(SelfDistillationMethod):
 
         cls_logits_t, patch_logits_t, cls_targets, patch_targets = self.teacher_targets(globals_, masks, temp)
 
-        # Student: masked globals and unmasked locals in one multi-crop backbone call.
+        # Student: masked globals and unmasked locals in one multi-crop backbone call; the losses read
+        # the [CLS] tokens and the globals' masked patch tokens.
         if n_local:
-            out_global, out_local = self.student.backbone.forward_features([globals_, locals_], [masks, None])
+            out_global, out_local = self.student.backbone.forward_cls_and_patches(
+                [globals_, locals_], [masks, None], patches=[masks, None])
             cls_tokens = torch.cat([out_global["x_norm_clstoken"], out_local["x_norm_clstoken"]])
         else:
-            out_global = self.student.backbone.forward_features(globals_, masks)
+            out_global = self.student.backbone.forward_cls_and_patches(globals_, masks, patches=masks)
             cls_tokens = out_global["x_norm_clstoken"]
         student_cls_logits, student_patch_logits = cls_and_patch_logits(
-            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_patchtokens"][masks])
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_selected_patchtokens"])
 
         dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
         ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,

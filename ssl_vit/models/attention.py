@@ -53,11 +53,12 @@ class Attention(nn.Module):
 
     def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """Several groups of different sequence lengths: the projections run once on all tokens."""
+        return tokenwise(self.proj, self.attend_list(xs, ropes))
+
+    def attend_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
+        """``forward_list`` before the output projection: (B, T, D) per group."""
         qkv_groups = tokenwise(self.qkv, xs)
-        attended = [
-            self.attend(qkv, x.shape[0], x.shape[1], rope) for qkv, x, rope in zip(qkv_groups, xs, ropes)
-        ]
-        return tokenwise(self.proj, attended)
+        return [self.attend(qkv, x.shape[0], x.shape[1], rope) for qkv, x, rope in zip(qkv_groups, xs, ropes)]
 
     def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables]) -> torch.Tensor:
         """Packed groups (see ``packing``): the projections run on the packed matrix, attention

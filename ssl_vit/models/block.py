@@ -7,6 +7,7 @@ from torch import nn
 from ssl_vit.models.attention import Attention, RopeTables, tokenwise
 from ssl_vit.models.layers import DropPath, LayerScale, Mlp, SwiGLU, swiglu_hidden_dim
 from ssl_vit.models.packing import PackedLayout, drop_path_packed
+from ssl_vit.models.token_selection import SelectedRows, drop_path_rows
 
 FFN_LAYERS = ("mlp", "swiglu")
 
@@ -58,3 +59,16 @@ class Block(nn.Module):
         x = x + drop_path_packed(self.ls1(attended), layout, self.drop_path1.drop_prob, self.training)
         fed = self.ls2(self.mlp(self.norm2(x)))
         return x + drop_path_packed(fed, layout, self.drop_path2.drop_prob, self.training)
+
+    def forward_selected(self, xs: list[torch.Tensor], ropes: list[RopeTables],
+                         selections: list[SelectedRows]) -> torch.Tensor:
+        """The same computation for the selected rows of each group only (``token_selection``),
+        returned concatenated in group order: attention reads every token as key and value, the
+        layers after it run on the selected rows."""
+        attended = self.attn.attend_list(tokenwise(self.norm1, xs), ropes)
+        x = torch.cat([s.take(x) for s, x in zip(selections, xs)])
+        attended = torch.cat([s.take(a) for s, a in zip(selections, attended)])
+        x = x + drop_path_rows(self.ls1(self.attn.proj(attended)), selections, self.drop_path1.drop_prob,
+                               self.training)
+        fed = self.ls2(self.mlp(self.norm2(x)))
+        return x + drop_path_rows(fed, selections, self.drop_path2.drop_prob, self.training)

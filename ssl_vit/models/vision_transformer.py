@@ -5,6 +5,10 @@ position embedding. Input paths:
   * ``forward_features(images, masks)``: masked patches are replaced by the mask token before
     positions are added (iBOT / DINOv2 student);
   * ``forward_features([batch_a, batch_b, ...])``: several crop sizes in one call (multi-crop);
+  * ``forward_cls_and_patches(images, masks, patches)``: the [CLS] token and the patch tokens at
+    ``patches`` only, what the self-distillation losses read (``forward`` uses it for the [CLS]
+    embedding); with ``set_last_block_pruning`` the last block computes only these
+    (``token_selection``);
   * ``forward_visible(images, ids_keep)``: encode only the given patches (MAE encoder);
   * ``last_self_attention(images)``: attention weights of the last block (visualisation).
 """
@@ -21,6 +25,7 @@ from ssl_vit.models.block import FFN_LAYERS, Block
 from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.patch_embed import PatchEmbed
 from ssl_vit.models.pos_embed import Rope2D, interpolate_pos_embed, sincos_2d_table
+from ssl_vit.models.token_selection import SelectedRows
 
 POS_EMBEDS = ("learned", "sincos", "rope")
 
@@ -95,6 +100,7 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.grad_checkpointing = False  # set_grad_checkpointing(): a training option, not architecture
         self.pack_crops = False  # set_crop_packing(): likewise
+        self.prune_last_block = True  # set_last_block_pruning(): likewise (on: same results, less work)
         self.init_weights()
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -110,6 +116,12 @@ class VisionTransformer(nn.Module):
         crop size) instead of one tensor per crop size. Same results up to float summation
         order; which is faster depends on the machine (``benchmarks/packing.py``)."""
         self.pack_crops = bool(enable)
+
+    def set_last_block_pruning(self, enable: bool = True) -> None:
+        """``forward_cls_and_patches`` (and ``forward``) run the last block's layers after
+        attention and the final norm on the tokens they return only (``token_selection``). Same
+        results up to float summation order, less work: the other tokens' outputs are unused."""
+        self.prune_last_block = bool(enable)
 
     def set_attention_kernel(self, kernel: str) -> None:
         """``"auto"`` (SDPA on accelerators, the explicit softmax(qk^T)v on the CPU), ``"sdpa"`` or
@@ -129,6 +141,7 @@ class VisionTransformer(nn.Module):
             block.forward = torch.compile(block.forward, **options)
             block.forward_list = torch.compile(block.forward_list, **options)
             block.forward_packed = torch.compile(block.forward_packed, **options)
+            block.forward_selected = torch.compile(block.forward_selected, **options)
 
     def run_block(self, block_fn, *inputs):
         if self.grad_checkpointing and torch.is_grad_enabled():
@@ -223,19 +236,59 @@ class VisionTransformer(nn.Module):
             masks = [None] * len(images)
         if len(masks) != len(images):
             raise ValueError(f"got {len(images)} image batches but {len(masks)} masks (use None for unmasked)")
+        xs, ropes = self.prepare_token_groups(images, masks)
+        return [self.split_tokens(x) for x in self.run_blocks_on_groups(self.blocks, xs, ropes)]
+
+    def prepare_token_groups(self, images: list[torch.Tensor], masks: list) -> tuple[list, list]:
         prepared = [self.prepare_tokens(img, m) for img, m in zip(images, masks)]
-        xs = [x for x, _ in prepared]
-        ropes = [self.rope_tables(grid) for _, grid in prepared]
+        return [x for x, _ in prepared], [self.rope_tables(grid) for _, grid in prepared]
+
+    def run_blocks_on_groups(self, blocks, xs: list[torch.Tensor], ropes: list) -> list[torch.Tensor]:
         if self.pack_crops:
             layout = PackedLayout.of(xs)
             packed = layout.pack(xs)
-            for block in self.blocks:
+            for block in blocks:
                 packed = self.run_block(block.forward_packed, packed, layout, ropes)
-            xs = layout.unpack(packed)
-        else:
-            for block in self.blocks:
-                xs = self.run_block(block.forward_list, xs, ropes)
-        return [self.split_tokens(x) for x in xs]
+            return layout.unpack(packed)
+        for block in blocks:
+            xs = self.run_block(block.forward_list, xs, ropes)
+        return xs
+
+    def forward_cls_and_patches(self, images, masks=None, patches=None):
+        """The normalised [CLS] token of every image and the patch tokens at ``patches``, a
+        (B, N) bool tensor (True = wanted; None: no patch token), as ``{"x_norm_clstoken": (B, D),
+        "x_norm_selected_patchtokens": (M, D)}``, the M patches in row-major order (as
+        ``x_norm_patchtokens[patches]``). Lists of image batches, masks and patches give a list
+        of dicts (multi-crop). Pruned (``set_last_block_pruning``), the last block and the final
+        norm compute these tokens only."""
+        single = not isinstance(images, (list, tuple))
+        images = [images] if single else list(images)
+        masks = [masks] if single else list(masks) if masks is not None else [None] * len(images)
+        patches = [patches] if single else list(patches) if patches is not None else [None] * len(images)
+        if not len(images) == len(masks) == len(patches):
+            raise ValueError(f"got {len(images)} image batches, {len(masks)} masks and {len(patches)} patch "
+                             "selections (use None for none)")
+        if not self.prune_last_block:
+            full = [self.forward_features(images[0], masks[0])] if single else self.forward_features_list(images, masks)
+            outs = [{"x_norm_clstoken": out["x_norm_clstoken"],
+                     "x_norm_selected_patchtokens": out["x_norm_patchtokens"][p] if p is not None
+                     else out["x_norm_patchtokens"][:, :0].reshape(0, self.embed_dim)}
+                    for out, p in zip(full, patches)]
+            return outs[0] if single else outs
+        xs, ropes = self.prepare_token_groups(images, masks)
+        xs = self.run_blocks_on_groups(self.blocks[:-1], xs, ropes)
+        prefix = 1 + self.num_register_tokens
+        for x, p in zip(xs, patches):
+            if p is not None and tuple(p.shape) != (x.shape[0], x.shape[1] - prefix):
+                raise ValueError(f"patches must have shape (B, N) = ({x.shape[0]}, {x.shape[1] - prefix}), "
+                                 f"got {tuple(p.shape)}")
+        selections = [SelectedRows.of(x.shape[0], x.shape[1], prefix, p, x.device) for x, p in zip(xs, patches)]
+        rows = self.norm(self.run_block(self.blocks[-1].forward_selected, xs, ropes, selections))
+        outs = []
+        for part, selection in zip(rows.split([len(s.rows) for s in selections]), selections):
+            outs.append({"x_norm_clstoken": part[: selection.batch],
+                         "x_norm_selected_patchtokens": part[selection.batch:]})
+        return outs[0] if single else outs
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encode only the patches ``ids_keep`` (B, K) (row-major indices), positions added first.
@@ -277,7 +330,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, images):
         """The [CLS] embedding (B, D) (a list of them for a list of batches)."""
-        out = self.forward_features(images)
+        out = self.forward_cls_and_patches(images)
         if isinstance(out, list):
             return [o["x_norm_clstoken"] for o in out]
         return out["x_norm_clstoken"]

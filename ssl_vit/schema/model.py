@@ -46,3 +46,5 @@ class ModelConfig:
     pack_crops: bool = setting(False, "multi-crop: all crop sizes as one packed token matrix through the blocks "
                                "(block-diagonal attention); same results, speed by machine "
                                "(benchmarks/packing.py)")
+    prune_last_block: bool = setting(True, "the last block computes only the tokens a loss reads ([CLS], iBOT's "
+                                     "masked patches; ssl_vit/models/token_selection.py): same results, less work")

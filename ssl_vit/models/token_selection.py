@@ -1,0 +1,60 @@
+"""The last block on the tokens a loss reads, and only those.
+
+The self-distillation losses read few of the last block's outputs: DINO reads the [CLS] token
+of every crop; DINOv2 adds, for the global crops, the patch tokens at the masked positions
+(iBOT). The last block's attention still needs every token as key and value, but its
+per-token layers after attention (output projection, residuals, second norm, MLP) and the
+final norm produce outputs that no loss reads for all the other tokens. With
+``VisionTransformer.set_last_block_pruning`` they run on the selected rows only: at the CPU
+preset (depth 6, 2 x 37 + 6 x 10 tokens per image) that is about a tenth of the step's matrix
+work, with unchanged results up to float summation order (the selected rows are computed by
+the same operations on the same inputs).
+
+Drop path draws its per-sample masks exactly as ``DropPath`` does on the whole groups (one
+(B, 1, 1) draw per group and branch, in the same order), so one random state drops the same
+samples with or without pruning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SelectedRows:
+    """Which rows of one group's flattened (B * T, D) token matrix the last block computes:
+    the [CLS] row of every sequence, then the wanted patch tokens in row-major order."""
+
+    rows: torch.Tensor  # (B + M,) indices into the flattened (B * T) tokens
+    samples: torch.Tensor  # (B + M,) the sequence each row belongs to
+    batch: int  # sequences in the group (the first ``batch`` rows are their [CLS] tokens)
+
+    @classmethod
+    def of(cls, batch: int, tokens: int, prefix: int, patches: torch.Tensor | None,
+           device: torch.device) -> "SelectedRows":
+        """``patches``: (B, N) bool, True = this patch token's output is wanted (None: none);
+        ``prefix``: the tokens before the patches ([CLS] and registers)."""
+        cls_samples = torch.arange(batch, device=device)
+        if patches is None:
+            return cls(cls_samples * tokens, cls_samples, batch)
+        patch_samples, patch_index = patches.nonzero(as_tuple=True)  # row-major, as boolean indexing
+        samples = torch.cat([cls_samples, patch_samples])
+        rows = samples * tokens + torch.cat([torch.zeros_like(cls_samples), prefix + patch_index])
+        return cls(rows, samples, batch)
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """The selected rows (B + M, D) of a group's (B, T, D) tokens."""
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.rows)
+
+
+def drop_path_rows(x: torch.Tensor, selections: list[SelectedRows], drop_prob: float,
+                   training: bool) -> torch.Tensor:
+    """Stochastic depth on the concatenated selected rows of several groups: a sequence's rows
+    are kept or dropped together, with masks drawn per group as ``DropPath`` draws them."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    masks = [x.new_empty((s.batch, 1, 1)).bernoulli_(keep).view(s.batch) for s in selections]
+    per_row = torch.cat([mask.index_select(0, s.samples) for mask, s in zip(masks, selections)])
+    return x * per_row.unsqueeze(-1) / keep

@@ -1,0 +1,146 @@
+"""The last block on the tokens a loss reads (``model.prune_last_block``, ``token_selection``):
+the [CLS] tokens and the selected patch tokens must come out as the full forward computes them
+(outputs and gradients within float reassociation, drop path included), for less work: the
+FLOPs saved are exactly the skipped tokens' output projection and MLP."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ssl_vit.build import build_datamodule, build_method
+from ssl_vit.models.token_selection import SelectedRows, drop_path_rows
+from ssl_vit.models.vision_transformer import VisionTransformer
+from tests.methods.training_helpers import compose_train
+
+
+def _model(**arch) -> VisionTransformer:
+    torch.manual_seed(0)
+    options = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.3,
+                   init_values=0.1)
+    options.update(arch)
+    return VisionTransformer(**options).train()
+
+
+def _selected_outputs_and_grads(model, images, masks, patches, prune: bool):
+    model.set_last_block_pruning(prune)
+    model.zero_grad()
+    torch.manual_seed(1)  # the same drop-path draws in both runs
+    outs = model.forward_cls_and_patches(images, masks, patches)
+    loss = sum((o["x_norm_clstoken"] ** 2).sum() + o["x_norm_selected_patchtokens"].sin().sum() for o in outs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [{k: v.detach() for k, v in o.items()} for o in outs], grads
+
+
+@pytest.mark.parametrize("arch,options", [
+    ({}, {}),
+    ({"num_register_tokens": 2, "ffn_layer": "swiglu"}, {}),
+    ({"pos_embed": "rope"}, {}),
+    ({}, {"pack_crops": True}),
+    ({}, {"grad_checkpointing": True}),
+], ids=["learned", "registers-swiglu", "rope", "packed", "checkpointed"])
+def test_pruned_last_block_gives_the_full_forwards_tokens(arch, options):
+    images = [torch.randn(6, 3, 16, 16), torch.randn(18, 3, 8, 8)]
+    masks = [torch.rand(6, 16) < 0.4, None]
+    model = _model(**arch)
+    model.set_crop_packing(options.get("pack_crops", False))
+    model.set_grad_checkpointing(options.get("grad_checkpointing", False))
+    patches = [masks[0], None]  # DINOv2: the globals' masked patches, the locals' [CLS] only
+    full, full_grads = _selected_outputs_and_grads(model, images, masks, patches, prune=False)
+    pruned, pruned_grads = _selected_outputs_and_grads(model, images, masks, patches, prune=True)
+    # The unpruned path is the plain forward, selected afterwards.
+    torch.manual_seed(1)
+    reference = model.forward_features(images, masks)
+    assert torch.equal(full[0]["x_norm_selected_patchtokens"], reference[0]["x_norm_patchtokens"][masks[0]].detach())
+    assert full[1]["x_norm_selected_patchtokens"].shape == (0, 32)
+    for a, b in zip(full, pruned):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].shape == b[key].shape, key
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
+    assert full_grads.keys() == pruned_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(pruned_grads[name], full_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_forward_returns_the_same_cls_embedding_pruned():
+    model = _model().eval()
+    images = torch.randn(5, 3, 16, 16)
+    full = model.forward_features(images)["x_norm_clstoken"]
+    model.set_last_block_pruning(True)
+    torch.testing.assert_close(model(images), full, rtol=0, atol=1e-5)
+    (local,) = model([torch.randn(3, 3, 8, 8)])
+    assert local.shape == (3, 32)
+
+
+def test_the_flops_saved_are_the_skipped_tokens_projection_and_mlp():
+    """Counted by torch's FLOP counter: the pruned forward skips, for every token not returned,
+    the last block's output projection (2 D^2) and MLP (2 x 2 D H) and nothing else."""
+    model = _model(drop_path_rate=0.0, num_register_tokens=1).eval()
+    images = torch.randn(4, 3, 16, 16)
+    patches = torch.zeros(4, 16, dtype=torch.bool)
+    patches[0, :3] = patches[2, 5] = True
+    counts = []
+    for prune in (False, True):
+        model.set_last_block_pruning(prune)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_cls_and_patches(images, patches=patches)
+        counts.append(counter.get_total_flops())
+    tokens, kept, dim, hidden = 4 * (1 + 1 + 16), 4 + 4, 32, 128
+    assert counts[0] - counts[1] == (tokens - kept) * (2 * dim * dim + 4 * dim * hidden)
+
+
+def test_selected_rows_and_their_drop_path():
+    patches = torch.tensor([[False, True, False], [True, False, True]])
+    selection = SelectedRows.of(batch=2, tokens=5, prefix=2, patches=patches, device=torch.device("cpu"))
+    # [CLS] rows 0 and 5, then sample 0 patch 1 (row 3) and sample 1 patches 0, 2 (rows 7, 9).
+    assert selection.rows.tolist() == [0, 5, 3, 7, 9]
+    assert selection.samples.tolist() == [0, 1, 0, 1, 1]
+    x = torch.arange(2 * 5 * 1.0).reshape(2, 5, 1)
+    assert selection.take(x).flatten().tolist() == [0.0, 5.0, 3.0, 7.0, 9.0]
+    cls_only = SelectedRows.of(batch=3, tokens=4, prefix=1, patches=None, device=torch.device("cpu"))
+    assert cls_only.rows.tolist() == [0, 4, 8]
+    # Drop path: one draw per group, as DropPath draws (B, 1, 1) on the whole group.
+    torch.manual_seed(7)
+    expected = torch.empty(2, 1, 1).bernoulli_(0.5).flatten()
+    torch.manual_seed(7)
+    dropped = drop_path_rows(torch.ones(5, 3), [selection], 0.5, training=True)
+    assert dropped[:, 0].tolist() == (expected[selection.samples] * 2).tolist()
+    assert torch.equal(drop_path_rows(torch.ones(5, 3), [selection], 0.5, training=False), torch.ones(5, 3))
+
+
+def test_bad_patch_selection_names_the_expected_shape():
+    model = _model()
+    model.set_last_block_pruning(True)
+    with pytest.raises(ValueError, match=r"patches must have shape \(B, N\) = \(2, 16\)"):
+        model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2 image batches, 2 masks and 1 patch"):
+        model.forward_cls_and_patches([torch.randn(2, 3, 16, 16)] * 2, [None, None], [None])
+
+
+@pytest.mark.parametrize("method", ["dinov2", "dino"])
+def test_the_config_key_prunes_every_backbone_and_the_step_is_unchanged(method):
+    base = ["data=synthetic", "data.options.num_samples=64", "data.val_size=16", "model.depth=2",
+            "data.batch_size=8", "trainer.precision=32", f"method={method}", "model.drop_path_rate=0.2"]
+    losses, grads = [], []
+    for prune in (False, True):
+        cfg = compose_train(base + [f"model.prune_last_block={str(prune).lower()}"])
+        datamodule = build_datamodule(cfg)
+        torch.manual_seed(0)
+        module = build_method(cfg, datamodule)
+        backbones = [m for m in module.modules() if isinstance(m, VisionTransformer)]
+        assert len(backbones) == 2 and all(b.prune_last_block == prune for b in backbones)
+        assert "prune_last_block" not in module.hparams["arch"]  # a training option, not architecture
+        module.log = module.log_dict = lambda *args, **kwargs: None
+        datamodule.setup("fit")
+        batch = next(iter(datamodule.train_dataloader()))
+        torch.manual_seed(1)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in module.student.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
