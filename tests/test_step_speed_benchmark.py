@@ -90,6 +90,7 @@ def test_tiny_run_same_flops_real_steps_and_ratio_line(bench, capsys):
     assert step_ratio == pytest.approx(1.0, abs=0.03)
     assert backbone_ratio == pytest.approx(1.0, abs=0.03)
     assert r.timm_backbone.total_flops == pytest.approx(r.ssl_backbone.total_flops, rel=0.05)  # with the recompute
+    assert 0 < r.ssl_backbone_pruned.total_flops < r.ssl_backbone.total_flops  # the [CLS] forward as shipped
     # A real training step on both sides: the students and the EMA teachers moved. (Early in the
     # lr warm-up an EMA step on a weight near 1, a LayerNorm gain, can round to no change in fp32.)
     assert set(r.changed) == {"ssl_vit student", "ssl_vit teacher", "lightly student", "lightly teacher"}

@@ -10,8 +10,9 @@ from ssl_vit.models.pos_embed import apply_rope
 
 RopeTables = tuple[torch.Tensor, torch.Tensor] | None
 # "sdpa": torch's scaled_dot_product_attention (its flash / memory-efficient kernels);
-# "explicit": softmax(q k^T) v as three plain operations; "auto": sdpa on accelerators,
-# explicit on the CPU, where benchmarks/attention.py measured it faster fwd+bwd (docs/benchmarks.md).
+# "explicit": softmax(q k^T) v as three plain operations; "auto": sdpa, except for bf16 / fp16
+# on the CPU, where benchmarks/attention.py measured the explicit path 2-6x faster fwd+bwd (in fp32
+# the CPU's SDPA was 10-20% faster; docs/benchmarks.md).
 ATTENTION_KERNELS = ("auto", "sdpa", "explicit")
 
 
@@ -27,8 +28,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
         self.kernel = "auto"  # a speed choice, not architecture: VisionTransformer.set_attention_kernel
 
-    def use_explicit(self, device: torch.device) -> bool:
-        return self.kernel == "explicit" or (self.kernel == "auto" and device.type == "cpu")
+    def use_explicit(self, q: torch.Tensor) -> bool:
+        if self.kernel == "auto":
+            return q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+        return self.kernel == "explicit"
 
     def split_heads(self, qkv: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, ...]:
         qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
@@ -39,9 +42,9 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(qkv, batch, tokens)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self.use_explicit(q.device):
-            # On the CPU, plain softmax(q k^T) v ran forward+backward faster than torch's CPU flash
-            # kernel at ViT sequence lengths (benchmarks/attention.py; model.attention switches).
+        if self.use_explicit(q):
+            # In bf16 on the CPU, plain softmax(q k^T) v runs forward+backward 2-6x faster than
+            # torch's CPU flash kernel at ViT sequence lengths (benchmarks/attention.py).
             out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         else:
             out = F.scaled_dot_product_attention(q, k, v)

@@ -124,7 +124,7 @@ class VisionTransformer(nn.Module):
         self.prune_last_block = bool(enable)
 
     def set_attention_kernel(self, kernel: str) -> None:
-        """``"auto"`` (SDPA on accelerators, the explicit softmax(qk^T)v on the CPU), ``"sdpa"`` or
+        """``"auto"`` (SDPA, but the explicit softmax(qk^T)v for bf16 / fp16 on the CPU), ``"sdpa"`` or
         ``"explicit"`` in every block (``attention.ATTENTION_KERNELS``); same results up to float
         rounding, speed by machine (``benchmarks/attention.py``)."""
         if kernel not in ATTENTION_KERNELS:

@@ -40,7 +40,7 @@ class ModelConfig:
                                              "(less memory, about a third more compute)")
     compile: bool = setting(False, "torch.compile each transformer block (compiles for a minute or more at the "
                             "start; on the CPU it needs a C++ compiler)")
-    attention: str = setting("auto", "attention kernel: auto (sdpa on GPUs, explicit on the CPU) | sdpa | explicit "
+    attention: str = setting("auto", "attention kernel: auto (sdpa; explicit for bf16 on the CPU) | sdpa | explicit "
                              "(softmax(qk^T)v); same results, speed by machine (benchmarks/attention.py)",
                              **rule(one_of(ATTENTION_KERNELS)))
     pack_crops: bool = setting(False, "multi-crop: all crop sizes as one packed token matrix through the blocks "

@@ -132,3 +132,19 @@ def test_packed_blocks_checkpoint_like_unpacked_ones():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(outs, outs_ckpt) for k in a)
     for name in grads:
         torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_auto_attention_is_explicit_only_for_low_precision_on_the_cpu():
+    """``auto``: the explicit softmax(qk^T)v where it measured faster (bf16 / fp16 on the CPU),
+    torch's SDPA otherwise (fp32 on the CPU measured 10-20% faster with SDPA)."""
+    from ssl_vit.models.attention import Attention
+
+    attn = Attention(32, 4)
+    assert attn.kernel == "auto"
+    assert attn.use_explicit(torch.zeros(1, dtype=torch.bfloat16))
+    assert attn.use_explicit(torch.zeros(1, dtype=torch.float16))
+    assert not attn.use_explicit(torch.zeros(1))
+    attn.kernel = "explicit"
+    assert attn.use_explicit(torch.zeros(1))
+    attn.kernel = "sdpa"
+    assert not attn.use_explicit(torch.zeros(1, dtype=torch.bfloat16))
