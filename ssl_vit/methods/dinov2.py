@@ -13,7 +13,6 @@ from torch import nn
 
 from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_global_per_module
-from ssl_vit.methods.dino import split_crops
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
 from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
 
@@ -52,6 +51,8 @@ class DINOv2(SelfDistillationMethod):
         cls_logits, patch_logits = cls_and_patch_logits(  # patches: (M, K), the masked ones, row-major
             self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
             out["x_norm_selected_patchtokens"])
+        # In fp32 once (a no-op in fp32 runs): targets and center statistics both read them in fp32.
+        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
         if self.cfg["centering"] == "sinkhorn_knopp":
             cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
             patch_targets = self.ibot_loss.sinkhorn_teacher(patch_logits, temp)
@@ -80,7 +81,9 @@ class DINOv2(SelfDistillationMethod):
         student_cls_logits, student_patch_logits = cls_and_patch_logits(
             self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_selected_patchtokens"])
 
-        dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
+        # Crop-major rows viewed as (crops, B, K): the loss's pairs without a stacking copy.
+        dino = self.dino_loss(student_cls_logits.unflatten(0, (2 + n_local, batch_size)),
+                              cls_targets.unflatten(0, (2, batch_size)))
         ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,
                                              masks_weight=batch.get("mask_weights"))
         # KoLeo on the backbone cls tokens, each global crop separately, summed.
