@@ -112,12 +112,16 @@ class Distillation(SelfDistillationMethod):
         temp = self.teacher_temp_at(self.global_step)
         cls_logits_t, patch_logits_t, cls_targets, patch_targets = self.teacher_targets(globals_, grid, temp)
 
-        # Student: every crop unmasked, globals first, in one multi-crop backbone call.
-        outs = self.student.backbone.forward_features([globals_, locals_] if n_local else [globals_])
+        # Student: every crop unmasked, globals first, in one multi-crop backbone call; the losses
+        # read every patch token of the globals and only the [CLS] token of the locals.
+        crops = [globals_, locals_] if n_local else [globals_]
+        every_patch = torch.ones(globals_.shape[0], grid[0] * grid[1], dtype=torch.bool, device=globals_.device)
+        outs = self.student.backbone.forward_cls_and_patches(crops, None, [every_patch] + [None] * (len(crops) - 1))
         out_global = outs[0]
+        patch_tokens = out_global["x_norm_selected_patchtokens"].unflatten(0, (globals_.shape[0], -1))
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])
         student_cls_logits, student_patch_logits = cls_and_patch_logits(
-            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_patchtokens"])
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), patch_tokens)
 
         dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
         ibot = self.ibot_loss.forward_all(student_patch_logits, patch_targets)

@@ -268,27 +268,29 @@ class VisionTransformer(nn.Module):
         if not len(images) == len(masks) == len(patches):
             raise ValueError(f"got {len(images)} image batches, {len(masks)} masks and {len(patches)} patch "
                              "selections (use None for none)")
-        if not self.prune_last_block:
+        if self.prune_last_block:
+            outs = self._cls_and_patches_pruned(images, masks, patches)
+        else:
             full = [self.forward_features(images[0], masks[0])] if single else self.forward_features_list(images, masks)
-            outs = [{"x_norm_clstoken": out["x_norm_clstoken"],
-                     "x_norm_selected_patchtokens": out["x_norm_patchtokens"][p] if p is not None
-                     else out["x_norm_patchtokens"][:, :0].reshape(0, self.embed_dim)}
-                    for out, p in zip(full, patches)]
-            return outs[0] if single else outs
+            outs = []
+            for out, p in zip(full, patches):
+                tokens = out["x_norm_patchtokens"]
+                _check_patch_selection(p, tokens.shape[0], tokens.shape[1])
+                selected = tokens[p] if p is not None else tokens.new_zeros(0, tokens.shape[-1])
+                outs.append({"x_norm_clstoken": out["x_norm_clstoken"], "x_norm_selected_patchtokens": selected})
+        return outs[0] if single else outs
+
+    def _cls_and_patches_pruned(self, images: list, masks: list, patches: list) -> list[dict]:
+        """Every block but the last on all tokens, the last one on the selected rows only."""
         xs, ropes = self.prepare_token_groups(images, masks)
         xs = self.run_blocks_on_groups(self.blocks[:-1], xs, ropes)
         prefix = 1 + self.num_register_tokens
         for x, p in zip(xs, patches):
-            if p is not None and tuple(p.shape) != (x.shape[0], x.shape[1] - prefix):
-                raise ValueError(f"patches must have shape (B, N) = ({x.shape[0]}, {x.shape[1] - prefix}), "
-                                 f"got {tuple(p.shape)}")
+            _check_patch_selection(p, x.shape[0], x.shape[1] - prefix)
         selections = [SelectedRows.of(x.shape[0], x.shape[1], prefix, p, x.device) for x, p in zip(xs, patches)]
         rows = self.norm(self.run_block(self.blocks[-1].forward_selected, xs, ropes, selections))
-        outs = []
-        for part, selection in zip(rows.split([len(s.rows) for s in selections]), selections):
-            outs.append({"x_norm_clstoken": part[: selection.batch],
-                         "x_norm_selected_patchtokens": part[selection.batch:]})
-        return outs[0] if single else outs
+        return [{"x_norm_clstoken": part[: selection.batch], "x_norm_selected_patchtokens": part[selection.batch:]}
+                for part, selection in zip(rows.split([len(s.rows) for s in selections]), selections)]
 
     def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encode only the patches ``ids_keep`` (B, K) (row-major indices), positions added first.
@@ -338,6 +340,14 @@ class VisionTransformer(nn.Module):
     def no_weight_decay_names(self) -> set[str]:
         """Token parameters, listed for optimisers that exclude them (DINOv2 does decay them)."""
         return {"cls_token", "register_tokens", "mask_token", "pos_embed"}
+
+
+def _check_patch_selection(patches: torch.Tensor | None, batch: int, num_patches: int) -> None:
+    if patches is not None and (not isinstance(patches, torch.Tensor) or patches.dtype != torch.bool
+                                or tuple(patches.shape) != (batch, num_patches)):
+        got = f"{patches.dtype} of shape {tuple(patches.shape)}" if isinstance(patches, torch.Tensor) \
+            else type(patches).__name__
+        raise ValueError(f"patches must be a bool tensor of shape (B, N) = ({batch}, {num_patches}), got {got}")
 
 
 def build_backbone(arch: dict[str, Any]) -> VisionTransformer:

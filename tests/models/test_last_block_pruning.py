@@ -110,11 +110,15 @@ def test_selected_rows_and_their_drop_path():
     assert torch.equal(drop_path_rows(torch.ones(5, 3), [selection], 0.5, training=False), torch.ones(5, 3))
 
 
-def test_bad_patch_selection_names_the_expected_shape():
+@pytest.mark.parametrize("prune", [True, False])
+def test_bad_patch_selection_names_the_expected_shape(prune):
     model = _model()
-    model.set_last_block_pruning(True)
-    with pytest.raises(ValueError, match=r"patches must have shape \(B, N\) = \(2, 16\)"):
+    model.set_last_block_pruning(prune)
+    with pytest.raises(ValueError, match=r"patches must be a bool tensor of shape \(B, N\) = \(2, 16\), got "
+                                         r"torch.bool of shape \(2, 9\)"):
         model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(2, 9, dtype=torch.bool))
+    with pytest.raises(ValueError, match="got torch.int64 of shape"):
+        model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(2, 16, dtype=torch.long))
     with pytest.raises(ValueError, match="2 image batches, 2 masks and 1 patch"):
         model.forward_cls_and_patches([torch.randn(2, 3, 16, 16)] * 2, [None, None], [None])
 
