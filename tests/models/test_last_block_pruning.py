@@ -12,25 +12,17 @@ from ssl_vit.build import build_datamodule, build_method
 from ssl_vit.models.token_selection import SelectedRows, drop_path_rows
 from ssl_vit.models.vision_transformer import VisionTransformer
 from tests.methods.training_helpers import compose_train
+from tests.models.forward_comparison import assert_same_outputs_and_grads, outputs_and_grads, small_model
 
 
 def _model(**arch) -> VisionTransformer:
-    torch.manual_seed(0)
-    options = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.3,
-                   init_values=0.1)
-    options.update(arch)
-    return VisionTransformer(**options).train()
+    return small_model(**arch)
 
 
 def _selected_outputs_and_grads(model, images, masks, patches, prune: bool):
     model.set_last_block_pruning(prune)
-    model.zero_grad()
-    torch.manual_seed(1)  # the same drop-path draws in both runs
-    outs = model.forward_cls_and_patches(images, masks, patches)
-    loss = sum((o["x_norm_clstoken"] ** 2).sum() + o["x_norm_selected_patchtokens"].sin().sum() for o in outs)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return [{k: v.detach() for k, v in o.items()} for o in outs], grads
+    return outputs_and_grads(model, lambda: model.forward_cls_and_patches(images, masks, patches),
+                             "x_norm_clstoken", "x_norm_selected_patchtokens")
 
 
 @pytest.mark.parametrize("arch,options", [
@@ -54,14 +46,7 @@ def test_pruned_last_block_gives_the_full_forwards_tokens(arch, options):
     reference = model.forward_features(images, masks)
     assert torch.equal(full[0]["x_norm_selected_patchtokens"], reference[0]["x_norm_patchtokens"][masks[0]].detach())
     assert full[1]["x_norm_selected_patchtokens"].shape == (0, 32)
-    for a, b in zip(full, pruned):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert a[key].shape == b[key].shape, key
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-5, msg=key)
-    assert full_grads.keys() == pruned_grads.keys()
-    for name in full_grads:
-        torch.testing.assert_close(pruned_grads[name], full_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_outputs_and_grads(full, full_grads, pruned, pruned_grads)
 
 
 def test_forward_returns_the_same_cls_embedding_pruned():

@@ -10,24 +10,16 @@ from ssl_vit.build import build_datamodule, build_method
 from ssl_vit.models.packing import PackedLayout, drop_path_packed
 from ssl_vit.models.vision_transformer import VisionTransformer
 from tests.methods.training_helpers import compose_train
+from tests.models.forward_comparison import assert_same_outputs_and_grads, outputs_and_grads, small_model
 
 
 def _model(**arch) -> VisionTransformer:
-    torch.manual_seed(0)
-    options = dict(img_size=16, patch_size=4, embed_dim=32, depth=3, num_heads=4, drop_path_rate=0.3,
-                   init_values=0.1)
-    options.update(arch)
-    return VisionTransformer(**options).train()
+    return small_model(**arch)
 
 
 def _outputs_and_grads(model: VisionTransformer, images, masks):
-    model.zero_grad()
-    torch.manual_seed(1)  # the same drop-path draws in both runs
-    outs = model.forward_features(images, masks)
-    loss = sum((o["x_norm_clstoken"] ** 2).sum() + o["x_norm_patchtokens"].sin().sum() for o in outs)
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return [{k: v.detach() for k, v in o.items()} for o in outs], grads
+    return outputs_and_grads(model, lambda: model.forward_features(images, masks), "x_norm_clstoken",
+                             "x_norm_patchtokens")
 
 
 @pytest.mark.parametrize("arch", [
@@ -43,14 +35,7 @@ def test_packed_forward_equals_unpacked(arch):
     outs, grads = _outputs_and_grads(model, images, masks)
     model.set_crop_packing(True)
     packed_outs, packed_grads = _outputs_and_grads(model, images, masks)
-    for out, packed in zip(outs, packed_outs):
-        assert out.keys() == packed.keys()
-        for key in out:
-            assert out[key].shape == packed[key].shape, key
-            torch.testing.assert_close(packed[key], out[key], rtol=0, atol=1e-5, msg=key)
-    assert grads.keys() == packed_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(packed_grads[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_outputs_and_grads(outs, grads, packed_outs, packed_grads)
 
 
 def test_packed_drop_path_drops_whole_sequences_as_the_unpacked_one_does():
