@@ -70,7 +70,19 @@ class EMACenterMixin:
     @torch.no_grad()
     def accumulate_center(self, teacher_logits: torch.Tensor) -> None:
         """Fold a micro-batch's raw teacher outputs ``(..., K)`` into this step's pending update."""
-        stats = local_center_statistics(teacher_logits)
+        self._add_pending(local_center_statistics(teacher_logits))
+
+    @torch.no_grad()
+    def accumulate_center_of_product(self, features: torch.Tensor, prototypes: torch.Tensor) -> None:
+        """:meth:`accumulate_center` of the outputs ``features @ prototypes.T`` (``(..., D)`` and
+        ``(K, D)``) without forming them: the row sum of a linear map's outputs is the map of the
+        inputs' row sum, one (D,) x (D, K) product in float32 instead of a pass over (rows, K)."""
+        flat = features.detach().reshape(-1, features.shape[-1]).float()
+        with torch.autocast(flat.device.type, enabled=False):
+            sums = flat.sum(dim=0) @ prototypes.detach().float().t()
+        self._add_pending(torch.cat([sums, sums.new_tensor([float(flat.shape[0])])]))
+
+    def _add_pending(self, stats: torch.Tensor) -> None:
         pending = self._pending_center_stats
         self._pending_center_stats = stats if pending is None else pending + stats
 

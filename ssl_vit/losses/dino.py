@@ -85,7 +85,8 @@ class DINOLoss(EMACenterMixin, nn.Module):
         return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations)
 
     # ----------------------------------------------------------------- loss
-    def forward(self, student_logits_list: Crops, teacher_probs_list: Crops) -> torch.Tensor:
+    def forward(self, student_logits_list: Crops, teacher_probs_list: Crops,
+                temperature_applied: bool = False) -> torch.Tensor:
         """Average cross-entropy over the valid (teacher crop, student crop) pairs.
 
         Args:
@@ -93,6 +94,8 @@ class DINOLoss(EMACenterMixin, nn.Module):
                 (or one ``(n_student, B, K)`` tensor).
             teacher_probs_list: ``n_teacher`` (normally 2) crops of ``(B, K)`` teacher
                 probabilities, in the same order as the student's global crops.
+            temperature_applied: the student logits are already divided by ``student_temp``
+                (the methods fold it into the head: ``DINOHead(x, scale=1 / student_temp)``).
         """
         student = _stack_crops(student_logits_list, "student_logits_list")
         teacher = _stack_crops(teacher_probs_list, "teacher_probs_list")
@@ -108,7 +111,8 @@ class DINOLoss(EMACenterMixin, nn.Module):
         # loss of ~7 showed in steps of 1/32 and its gradients were as coarse).
         with torch.autocast(device_type=student.device.type, enabled=False):
             teacher = teacher.to(dtype)
-            log_p_s = F.log_softmax(student.to(dtype) / self.student_temp, dim=-1)  # (n_s, B, K)
+            scores = student.to(dtype) if temperature_applied else student.to(dtype) / self.student_temp
+            log_p_s = F.log_softmax(scores, dim=-1)  # (n_s, B, K)
             # ce[t, s] = mean over the batch of -sum_k p_t * log p_s, for every pair at once.
             ce = -torch.einsum("tbk,sbk->ts", teacher, log_p_s) / batch
         valid = torch.ones(n_t, n_s, dtype=torch.bool, device=ce.device)

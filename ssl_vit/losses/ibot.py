@@ -71,9 +71,11 @@ class IBOTPatchLoss(EMACenterMixin, nn.Module):
         )
 
     # ----------------------------------------------------------------- losses
-    def _token_ce(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    def _token_ce(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                  temperature_applied: bool) -> torch.Tensor:
         dtype = compute_dtype(student_logits, teacher_probs)
-        log_p_s = F.log_softmax(student_logits.to(dtype) / self.student_temp, dim=-1)
+        scores = student_logits.to(dtype) if temperature_applied else student_logits.to(dtype) / self.student_temp
+        log_p_s = F.log_softmax(scores, dim=-1)
         return -(teacher_probs.to(dtype) * log_p_s).sum(dim=-1)
 
     def forward_masked(
@@ -83,6 +85,7 @@ class IBOTPatchLoss(EMACenterMixin, nn.Module):
         masks: torch.Tensor,
         n_masked_patches: int | None = None,
         masks_weight: torch.Tensor | None = None,
+        temperature_applied: bool = False,
     ) -> torch.Tensor:
         """iBOT loss over the masked tokens.
 
@@ -94,6 +97,8 @@ class IBOTPatchLoss(EMACenterMixin, nn.Module):
             n_masked_patches: if the token tensors are padded beyond the ``M`` real masked
                 tokens, only the first ``n_masked_patches`` rows are used.
             masks_weight: optional precomputed ``(M,)`` weights (see :func:`masked_token_weights`).
+            temperature_applied: the student logits are already divided by ``student_temp``
+                (the methods fold it into the head: ``DINOHead(x, scale=1 / student_temp)``).
 
         Returns:
             ``sum_images mean_{masked patches of image}(CE) / n_images`` with
@@ -103,15 +108,16 @@ class IBOTPatchLoss(EMACenterMixin, nn.Module):
         s, t = student_patch_logits_masked, teacher_probs_masked
         if n_masked_patches is not None:
             s, t = s[:n_masked_patches], t[:n_masked_patches]
-        ce = self._token_ce(s, t)  # (M,)
+        ce = self._token_ce(s, t, temperature_applied)  # (M,)
         if masks_weight is None:
             masks_weight = masked_token_weights(masks, dtype=ce.dtype)
         if ce.shape[0] != masks_weight.shape[0]:
             raise ValueError(f"{ce.shape[0]} masked token rows but {masks_weight.shape[0]} masked positions")
         return (ce * masks_weight.to(ce.dtype)).sum() / masks.shape[0]
 
-    def forward_all(self, student_patch_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    def forward_all(self, student_patch_logits: torch.Tensor, teacher_probs: torch.Tensor,
+                    temperature_applied: bool = False) -> torch.Tensor:
         """Distillation variant over every patch token: ``(B, N, K)`` each; mean over the tokens
-        of each image, then over images."""
-        ce = self._token_ce(student_patch_logits, teacher_probs)  # (B, N)
+        of each image, then over images. ``temperature_applied`` as in :meth:`forward_masked`."""
+        ce = self._token_ce(student_patch_logits, teacher_probs, temperature_applied)  # (B, N)
         return ce.mean(dim=-1).mean()

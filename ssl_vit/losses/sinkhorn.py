@@ -41,7 +41,9 @@ def sinkhorn_knopp(
     overflows float32 and produces non-finite targets.
     """
     logits = teacher_logits.float()
-    q = torch.exp(logits / teacher_temp).t()  # (K, B_local)
+    if teacher_temp != 1.0:  # 1.0: the caller folded the temperature into the logits already
+        logits = logits / teacher_temp
+    q = torch.exp(logits).t()  # (K, B_local)
     k = q.shape[0]
 
     if n_masked_tokens is None:

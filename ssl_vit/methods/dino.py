@@ -18,6 +18,7 @@ from torch import nn
 from ssl_vit.losses import DINOLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_per_tensor
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
+from ssl_vit.methods.teacher_targets import teacher_targets
 from ssl_vit.models.heads import DINOHead
 
 
@@ -44,25 +45,27 @@ class DINO(SelfDistillationMethod):
         batch_size = globals_.shape[0] // 2
         n_local = locals_.shape[0] // batch_size
 
-        # Teacher: centered, sharpened targets from the two global crops.
+        # Teacher: centered, sharpened targets from the two global crops (this batch then goes
+        # into the center's pending update, applied after the optimizer step).
         with torch.no_grad():
-            teacher_logits = self.teacher.dino_head(self.teacher.backbone(globals_))
-            targets = self.dino_loss.softmax_center_teacher(teacher_logits, self.teacher_temp_at(self.global_step))
+            head = self.teacher.dino_head
+            targets = teacher_targets(self.dino_loss, head.bottleneck(self.teacher.backbone(globals_)),
+                                      head.last_layer.weight, self.teacher_temp_at(self.global_step))
 
-        # Student: every crop, globals first, through one backbone call and one head call.
+        # Student: every crop, globals first, through one backbone call and one head call
+        # (logits / student temperature: the scale is applied to the bottleneck features).
         crops = [globals_, locals_] if n_local else [globals_]
         cls_tokens = torch.cat(self.student.backbone(crops))
-        student_logits = self.student.dino_head(cls_tokens)
+        student_scores = self.student.dino_head(cls_tokens, scale=1.0 / self.cfg["student_temp"])
 
-        loss = self.dino_loss(split_crops(student_logits, 2 + n_local), split_crops(targets, 2))
+        loss = self.dino_loss(split_crops(student_scores, 2 + n_local), split_crops(targets, 2),
+                              temperature_applied=True)
         terms = {"dino": (1.0, loss)}
         koleo_weight = self.cfg.get("koleo_loss_weight", 0.0)
         if koleo_weight:
             terms["koleo"] = (koleo_weight, koleo_loss_per_crop(cls_tokens[: 2 * batch_size], 2))
         total = self.checked_total(terms)
-        # After the targets: step t is not in its own center (applied after the optimizer step).
-        self.dino_loss.accumulate_center(teacher_logits)
-        self.log_collapse_metrics(targets, student_logits[: 2 * batch_size])
+        self.log_collapse_metrics(targets, student_scores[: 2 * batch_size])
         return total
 
     def clip_gradients_as_in_paper(self) -> None:

@@ -14,9 +14,8 @@ from torch import nn
 from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop
 from ssl_vit.methods.clipping import clip_global_per_module
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
+from ssl_vit.methods.teacher_targets import CENTERINGS, cls_and_patch_targets
 from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
-
-CENTERINGS = ("sinkhorn_knopp", "centering")
 
 
 class DINOv2(SelfDistillationMethod):
@@ -47,19 +46,12 @@ class DINOv2(SelfDistillationMethod):
 
     @torch.no_grad()
     def teacher_targets(self, globals_: torch.Tensor, masks: torch.Tensor, temp: float):
+        """Targets of the [CLS] tokens (2B, K) and of the masked patches (M, K, row-major); with
+        centering, this batch also goes into the centers' pending update."""
         out = self.teacher.backbone.forward_cls_and_patches(globals_, patches=masks)
-        cls_logits, patch_logits = cls_and_patch_logits(  # patches: (M, K), the masked ones, row-major
-            self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
-            out["x_norm_selected_patchtokens"])
-        # In fp32 once (a no-op in fp32 runs): targets and center statistics both read them in fp32.
-        cls_logits, patch_logits = cls_logits.float(), patch_logits.float()
-        if self.cfg["centering"] == "sinkhorn_knopp":
-            cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
-            patch_targets = self.ibot_loss.sinkhorn_teacher(patch_logits, temp)
-        else:
-            cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, temp)
-            patch_targets = self.ibot_loss.softmax_center_teacher(patch_logits, temp)
-        return cls_logits, patch_logits, cls_targets, patch_targets
+        return cls_and_patch_targets(self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
+                                     out["x_norm_selected_patchtokens"], self.dino_loss, self.ibot_loss, temp,
+                                     self.cfg["centering"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         globals_, locals_, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
@@ -67,10 +59,10 @@ class DINOv2(SelfDistillationMethod):
         n_local = locals_.shape[0] // batch_size
         temp = self.teacher_temp_at(self.global_step)
 
-        cls_logits_t, patch_logits_t, cls_targets, patch_targets = self.teacher_targets(globals_, masks, temp)
+        cls_targets, patch_targets = self.teacher_targets(globals_, masks, temp)
 
-        # Student: masked globals and unmasked locals in one multi-crop backbone call; the losses read
-        # the [CLS] tokens and the globals' masked patch tokens.
+        # Student: masked globals and unmasked locals in one multi-crop backbone call; the losses
+        # read the [CLS] tokens and the globals' masked patch tokens.
         if n_local:
             out_global, out_local = self.student.backbone.forward_cls_and_patches(
                 [globals_, locals_], [masks, None], patches=[masks, None])
@@ -78,14 +70,16 @@ class DINOv2(SelfDistillationMethod):
         else:
             out_global = self.student.backbone.forward_cls_and_patches(globals_, masks, patches=masks)
             cls_tokens = out_global["x_norm_clstoken"]
-        student_cls_logits, student_patch_logits = cls_and_patch_logits(
-            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_selected_patchtokens"])
+        # Logits / student temperature: the scale is applied to the heads' bottleneck features.
+        student_cls_scores, student_patch_scores = cls_and_patch_logits(
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), out_global["x_norm_selected_patchtokens"],
+            scale=1.0 / self.cfg["student_temp"])
 
         # Crop-major rows viewed as (crops, B, K): the loss's pairs without a stacking copy.
-        dino = self.dino_loss(student_cls_logits.unflatten(0, (2 + n_local, batch_size)),
-                              cls_targets.unflatten(0, (2, batch_size)))
-        ibot = self.ibot_loss.forward_masked(student_patch_logits, patch_targets, masks,
-                                             masks_weight=batch.get("mask_weights"))
+        dino = self.dino_loss(student_cls_scores.unflatten(0, (2 + n_local, batch_size)),
+                              cls_targets.unflatten(0, (2, batch_size)), temperature_applied=True)
+        ibot = self.ibot_loss.forward_masked(student_patch_scores, patch_targets, masks,
+                                             masks_weight=batch.get("mask_weights"), temperature_applied=True)
         # KoLeo on the backbone cls tokens, each global crop separately, summed.
         koleo = koleo_loss_per_crop(out_global["x_norm_clstoken"], 2)
         total = self.checked_total({
@@ -93,11 +87,7 @@ class DINOv2(SelfDistillationMethod):
             "ibot": (self.cfg["ibot"]["loss_weight"], ibot),
             "koleo": (self.cfg["koleo_loss_weight"], koleo),
         })
-        if self.cfg["centering"] == "centering":
-            # Applied after the optimizer step, over every micro-batch of the step.
-            self.dino_loss.accumulate_center(cls_logits_t)
-            self.ibot_loss.accumulate_center(patch_logits_t)
-        self.log_collapse_metrics(cls_targets, student_cls_logits[: 2 * batch_size])
+        self.log_collapse_metrics(cls_targets, student_cls_scores[: 2 * batch_size])
         return total
 
     def clip_gradients_as_in_paper(self) -> None:

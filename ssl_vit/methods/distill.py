@@ -36,7 +36,7 @@ from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop
 from ssl_vit.losses.feature_distill import cosine_distance
 from ssl_vit.methods.clipping import clip_global_per_module
 from ssl_vit.methods.dino import split_crops
-from ssl_vit.methods.dinov2 import CENTERINGS
+from ssl_vit.methods.teacher_targets import CENTERINGS, cls_and_patch_targets
 from ssl_vit.methods.frozen_teacher import KEY, FrozenTeacher, read_teacher_file, resolve_target
 from ssl_vit.methods.self_distillation import SelfDistillationMethod
 from ssl_vit.models import build_backbone
@@ -88,18 +88,11 @@ class Distillation(SelfDistillationMethod):
     # ------------------------------------------------------------------ the algorithm
     @torch.no_grad()
     def teacher_targets(self, globals_: torch.Tensor, grid: tuple[int, int], temp: float):
-        """Teacher logits and targets of the [CLS] (2B, K) and of every patch token (2B, N, K)."""
+        """Targets of the [CLS] (2B, K) and of every patch token (2B, N, K); with centering, this
+        batch also goes into the centers' pending update."""
         cls_tokens, patch_tokens = self.teacher.tokens(globals_, grid)
-        cls_logits, patch_logits = cls_and_patch_logits(self.teacher.heads["dino_head"], cls_tokens,
-                                                        self.teacher.patch_head, patch_tokens)
-        flat = patch_logits.flatten(0, 1)
-        if self.cfg["centering"] == "sinkhorn_knopp":
-            cls_targets = self.dino_loss.sinkhorn_teacher(cls_logits, temp)
-            patch_targets = self.ibot_loss.sinkhorn_teacher(flat, temp)
-        else:
-            cls_targets = self.dino_loss.softmax_center_teacher(cls_logits, temp)
-            patch_targets = self.ibot_loss.softmax_center_teacher(flat, temp)
-        return cls_logits, flat, cls_targets, patch_targets.view_as(patch_logits)
+        return cls_and_patch_targets(self.teacher.heads["dino_head"], cls_tokens, self.teacher.patch_head, patch_tokens,
+                                     self.dino_loss, self.ibot_loss, temp, self.cfg["centering"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         globals_, locals_ = batch["global_crops"], batch["local_crops"]
@@ -110,7 +103,7 @@ class Distillation(SelfDistillationMethod):
             return self.feature_distillation_step(globals_, grid)
 
         temp = self.teacher_temp_at(self.global_step)
-        cls_logits_t, patch_logits_t, cls_targets, patch_targets = self.teacher_targets(globals_, grid, temp)
+        cls_targets, patch_targets = self.teacher_targets(globals_, grid, temp)
 
         # Student: every crop unmasked, globals first, in one multi-crop backbone call; the losses
         # read every patch token of the globals and only the [CLS] token of the locals.
@@ -120,21 +113,21 @@ class Distillation(SelfDistillationMethod):
         out_global = outs[0]
         patch_tokens = out_global["x_norm_selected_patchtokens"].unflatten(0, (globals_.shape[0], -1))
         cls_tokens = torch.cat([out["x_norm_clstoken"] for out in outs])
-        student_cls_logits, student_patch_logits = cls_and_patch_logits(
-            self.student.dino_head, cls_tokens, self.patch_head(self.student), patch_tokens)
+        # Logits / student temperature: the scale is applied to the heads' bottleneck features.
+        student_cls_scores, student_patch_scores = cls_and_patch_logits(
+            self.student.dino_head, cls_tokens, self.patch_head(self.student), patch_tokens,
+            scale=1.0 / self.cfg["student_temp"])
 
-        dino = self.dino_loss(split_crops(student_cls_logits, 2 + n_local), split_crops(cls_targets, 2))
-        ibot = self.ibot_loss.forward_all(student_patch_logits, patch_targets)
+        dino = self.dino_loss(split_crops(student_cls_scores, 2 + n_local), split_crops(cls_targets, 2),
+                              temperature_applied=True)
+        ibot = self.ibot_loss.forward_all(student_patch_scores, patch_targets, temperature_applied=True)
         koleo = koleo_loss_per_crop(out_global["x_norm_clstoken"], 2)
         total = self.checked_total({
             "dino": (self.cfg["dino_loss_weight"], dino),
             "ibot": (self.cfg["ibot_loss_weight"], ibot),
             "koleo": (self.cfg["koleo_loss_weight"], koleo),
         })
-        if self.cfg["centering"] == "centering":
-            self.dino_loss.accumulate_center(cls_logits_t)
-            self.ibot_loss.accumulate_center(patch_logits_t)
-        self.log_collapse_metrics(cls_targets, student_cls_logits[: 2 * batch_size])
+        self.log_collapse_metrics(cls_targets, student_cls_scores[: 2 * batch_size])
         return total
 
     def feature_distillation_step(self, globals_: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -202,18 +202,19 @@ class SelfDistillationMethod(L.LightningModule):
         return total
 
     @torch.no_grad()
-    def log_collapse_metrics(self, teacher_probs: torch.Tensor, student_logits: torch.Tensor) -> None:
+    def log_collapse_metrics(self, teacher_probs: torch.Tensor, student_scores: torch.Tensor) -> None:
         """Teacher output entropy (per sample and of the batch mean) and KL(teacher || student),
         normalised by log K: per-sample entropy near 1 means uniform outputs, batch-mean entropy
         near 0 means every image lands on the same prototype (the two collapse modes). Their
         difference is the mutual information between image and prototype: near 0 whenever all
-        images get the same distribution, sharp or flat (the state of a random init)."""
+        images get the same distribution, sharp or flat (the state of a random init).
+        ``student_scores``: the student's logits already divided by its temperature."""
         log_k = math.log(teacher_probs.shape[-1])
         p = teacher_probs.float()
         entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean() / log_k
         mean_p = p.mean(0)
         batch_entropy = -(mean_p * mean_p.clamp_min(1e-12).log()).sum() / log_k
-        log_q = torch.log_softmax(student_logits.float() / self.cfg["student_temp"], dim=-1)
+        log_q = torch.log_softmax(student_scores.float(), dim=-1)
         kl = (p * (p.clamp_min(1e-12).log() - log_q)).sum(-1).mean()
         self.log_dict(
             {"collapse/teacher_entropy": entropy, "collapse/teacher_batch_entropy": batch_entropy,

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 from ssl_vit.data.masking import LAWS as MASK_LAWS
 from ssl_vit.losses.center import CENTER_REDUCTIONS
-from ssl_vit.methods.dinov2 import CENTERINGS
+from ssl_vit.methods.teacher_targets import CENTERINGS
 from ssl_vit.methods.frozen_teacher import TARGETS
 from ssl_vit.methods.schedules import TEACHER_TEMP_SCHEDULES
 from ssl_vit.schema.fields import int_at_least, number_at_least, number_in, one_of, pair_in, rule, setting

@@ -101,16 +101,17 @@ class PerHalfCollator:
 
 
 @torch.no_grad()
-def accumulate_center_per_half(self, teacher_patch_logits: torch.Tensor) -> None:
+def accumulate_center_per_half(self, features: torch.Tensor, prototypes: torch.Tensor) -> None:
     """DINOv2's iBOT center over processes is the average of each process's mean over its own
-    masked patches: in the reference, the average of the two halves' means. The masked rows come
-    crop by crop in the batch's crop-major order, [global 0 of half 0, of half 1, global 1 of ...]."""
+    masked patches of the teacher's outputs ``features @ prototypes.T``: in the reference, the
+    average of the two halves' means. The masked rows come crop by crop in the batch's
+    crop-major order, [global 0 of half 0, of half 1, global 1 of ...]."""
     masks = self.batch_masks
     half = masks.shape[0] // (2 * PROCESSES)  # images per half; 2 global crops each
     owner = (torch.arange(masks.shape[0]) % (PROCESSES * half)) // half
     row_owner = owner.repeat_interleave(masks.sum(dim=1))
-    means = [teacher_patch_logits[row_owner == r].float().mean(dim=0) for r in range(PROCESSES)
-             if bool((row_owner == r).any())]
+    logits = features.float() @ prototypes.float().t()
+    means = [logits[row_owner == r].mean(dim=0) for r in range(PROCESSES) if bool((row_owner == r).any())]
     self._pending_center_stats = torch.cat([torch.stack(means).mean(dim=0), torch.ones(1)])
 
 
@@ -134,7 +135,7 @@ def test_dinov2_two_processes_match_a_reference_with_per_half_masks_and_koleo(tm
         return step(self, batch, batch_idx)
 
     monkeypatch.setattr(DINOv2, "training_step", step_keeping_masks)
-    monkeypatch.setattr(IBOTPatchLoss, "accumulate_center", accumulate_center_per_half)
+    monkeypatch.setattr(IBOTPatchLoss, "accumulate_center_of_product", accumulate_center_per_half)
     reference = one_process(tmp_path / "one", DINOV2)
     monkeypatch.undo()
     assert_same_weights(reference, two_processes(tmp_path / "two", DINOV2))
