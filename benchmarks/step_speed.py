@@ -60,6 +60,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import ssl_vit  # noqa: F401  (first: it enables huge pages for large CPU blocks before Lightning allocates)
 import lightning as L
 import torch
 
@@ -569,6 +570,9 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--no-backbone", action="store_true", help="skip the backbone forward+backward timing")
     parser.add_argument("--flop-tolerance", type=float, default=0.03, help="relative FLOP difference accepted "
                         "(default: %(default)s)")
+    parser.add_argument("--cpu-allocator", default="reuse", choices=("reuse", "system"),
+                        help="the process's CPU allocator, for both sides (ssl_vit.train's cpu_allocator; "
+                        "default: %(default)s, as an ssl_vit run)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra Hydra override for every configuration (repeatable)")
     args = parser.parse_args(argv)
@@ -598,8 +602,11 @@ def main(argv: list[str] | None = None) -> list[ConfigResult]:
 
 
 def run(args) -> list[ConfigResult]:
+    from ssl_vit.cpu_memory import use_cpu_allocator
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    allocator = use_cpu_allocator(args.cpu_allocator)  # process-wide: both sides run with it
     precisions, notes = resolve_precisions(args.precisions)
     import lightly
     import timm
@@ -611,6 +618,7 @@ def run(args) -> list[ConfigResult]:
           f"threads: {torch.get_num_threads()}; precisions: {', '.join(precisions) or 'none'}")
     print(f"per side: 1 FLOP-counted step, {args.warmup} warm-up, {args.steps} timed; "
           f"{args.batches} distinct pre-collated batches in memory; no torch.compile")
+    print(f"CPU allocator for both sides: {args.cpu_allocator} ({allocator})")
     for note in notes:
         print(note)
     if not precisions:

@@ -1,5 +1,12 @@
 """ssl_vit: self-supervised pretraining of Vision Transformers."""
-from ssl_vit.models import VisionTransformer, build_backbone
+import os
+
+# Large CPU tensors on transparent huge pages (ssl_vit/cpu_memory.py): torch reads this once, at its
+# first CPU allocation, which importing Lightning already makes, so it is set before any import.
+# It changes only the alignment of blocks of 2 MB and more; THP_MEM_ALLOC_ENABLE=0 keeps torch's default.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from ssl_vit.models import VisionTransformer, build_backbone  # noqa: E402
 
 
 def load_backbone(path, **arch):

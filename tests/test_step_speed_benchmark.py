@@ -72,8 +72,9 @@ def test_flash_recompute_share(bench):
 
 
 def test_tiny_run_same_flops_real_steps_and_ratio_line(bench, capsys):
+    # --cpu-allocator system: the default (reuse) would change this test process's allocator for good.
     results = bench.main(["--configs", "tiny", "--precisions", "fp32", "--steps", "1", "--warmup", "0",
-                          "--batches", "1", "--matmul-size", "128"])
+                          "--batches", "1", "--matmul-size", "128", "--cpu-allocator", "system"])
     out = capsys.readouterr().out
     (config,) = results
     (r,) = config.results
@@ -102,3 +103,4 @@ def test_tiny_run_same_flops_real_steps_and_ratio_line(bench, capsys):
     x, y = bench.parse_ratio_line(out)
     assert (x, y) == pytest.approx(bench.min_ratios(results), rel=1e-3, abs=1e-3)
     assert "FLOPs lightly/ssl_vit" in out and "agree within 3%" in out and "as timed" in out
+    assert "CPU allocator for both sides: system" in out

@@ -141,7 +141,7 @@ class MAE(L.LightningModule):
         groups = build_param_groups({"encoder": self.encoder, "decoder": self.decoder},
                                     weight_decay=self.optim_cfg["weight_decay"])
         return adamw(groups, self.base_lr, tuple(self.optim_cfg["betas"]),
-                     self.optim_cfg.get("implementation", "foreach"))
+                     self.optim_cfg.get("implementation", "fused"))
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
         """This step's lr (per optimizer step, once per accumulation window), then the step."""

@@ -136,7 +136,7 @@ class SelfDistillationMethod(L.LightningModule):
             patch_embed_lr_mult=self.optim_cfg.get("patch_embed_lr_mult", 1.0),
         )
         betas = tuple(self.optim_cfg.get("betas", (0.9, 0.999)))
-        return adamw(groups, self.base_lr, betas, self.optim_cfg.get("implementation", "foreach"))
+        return adamw(groups, self.base_lr, betas, self.optim_cfg.get("implementation", "fused"))
 
     def last_layer_frozen(self, step: int) -> bool:
         return freeze_last_layer_active(step, self.freeze_last_layer_steps)

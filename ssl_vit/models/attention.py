@@ -34,8 +34,12 @@ class Attention(nn.Module):
         return self.kernel == "explicit"
 
     def split_heads(self, qkv: torch.Tensor, batch: int, tokens: int) -> tuple[torch.Tensor, ...]:
-        qkv = qkv.reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        return qkv.unbind(0)  # q, k, v: (B, heads, T, head_dim)
+        """q, k, v as (B, heads, T, head_dim) views of the (B, T, 3 * D) projection (channels
+        ordered [q | k | v], each head-major, as in timm and DINOv2). Split along the channels
+        rather than unbound from a (3, B, heads, T, head_dim) permutation: the same views, but the
+        backward gathers the three gradients with one concatenation instead of a stack and a copy."""
+        qkv = qkv.reshape(batch, tokens, 3 * self.num_heads * self.head_dim)
+        return tuple(t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
 
     def attend(self, qkv: torch.Tensor, batch: int, tokens: int, rope: RopeTables) -> torch.Tensor:
         """Attention of one group of equally sized sequences; returns (B, T, D) before ``proj``."""

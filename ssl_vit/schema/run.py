@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional
 
 from omegaconf import MISSING
 
+from ssl_vit.cpu_memory import CPU_ALLOCATORS
 from ssl_vit.schema.fields import int_at_least, one_of, rule, setting
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -146,6 +147,10 @@ class TrainConfig:
                                    **rule(int_at_least(1)))
     resume: ResumeConfig = setting(help="resuming a run whose plan changed", factory=ResumeConfig)
     eval: EvalConfig = setting(help="evaluation during and after training", factory=EvalConfig)
+    cpu_allocator: str = setting("reuse", "training on the CPU: reuse (freed memory stays in the process: no page "
+                                 "faults on each step's fresh tensors; ssl_vit/cpu_memory.py) | system (the C "
+                                 "library's defaults)",
+                                 **rule(one_of(CPU_ALLOCATORS)))
     cascade: Any = setting(None, "set by cascade recipes only (python -m ssl_vit.cascade runs them)",
                            allowed="null (a cascade runs with python -m ssl_vit.cascade)", ok=lambda v: v is None)
 
