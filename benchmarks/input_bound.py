@@ -39,6 +39,7 @@ def measure(mode: str, overrides: list[str], workers: int, steps: int, warmup: i
     from torch.utils.data import DataLoader
 
     from ssl_vit.build import build_datamodule, build_method, build_trainer, validate
+    from ssl_vit.cpu_memory import use_cpu_allocator_of_run
 
     if threads:
         torch.set_num_threads(threads)
@@ -47,6 +48,7 @@ def measure(mode: str, overrides: list[str], workers: int, steps: int, warmup: i
         cfg = compose(config_name="train", overrides=overrides + QUIET + [
             f"data.num_workers={workers if mode == 'pipeline' else 0}", f"trainer.max_steps={total}"])
     validate(cfg)
+    use_cpu_allocator_of_run(cfg)  # as ssl_vit.train does
     L.seed_everything(cfg.seed, verbose=False)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()

@@ -3,6 +3,7 @@ checkpointing (``model.activation_checkpointing``).
 
     python benchmarks/memory.py                          # the table of docs/benchmarks.md
     python benchmarks/memory.py --models vit_small --steps 1 trainer.precision=32
+    THP_MEM_ALLOC_ENABLE=0 python benchmarks/memory.py cpu_allocator=system   # the C library's defaults
 
 Each configuration runs in a fresh subprocess (the CPU's peak, ``ru_maxrss``, belongs to one
 process's whole life): it builds the method of the composed config (DINOv2 unless ``method=`` says

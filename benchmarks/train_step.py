@@ -18,6 +18,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from ssl_vit.build import build_datamodule, build_method, validate
+from ssl_vit.cpu_memory import use_cpu_allocator_of_run
 from ssl_vit.methods.param_groups import apply_lr_wd
 from ssl_vit.precision import resolve_precision
 
@@ -45,6 +46,7 @@ def prepared_step(overrides: list[str], device: torch.device):
         cfg = compose(config_name="train", overrides=["data=synthetic", "data.num_workers=0",
                                                       "data.options.num_samples=256"] + overrides)
     validate(cfg)
+    use_cpu_allocator_of_run(cfg)  # as ssl_vit.train does
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -60,6 +62,7 @@ def main(overrides: list[str], steps: int = 5, warmup: int = 2) -> None:
     with initialize_config_dir(config_dir=CONF, version_base=None):
         cfg = compose(config_name="train", overrides=["data.num_workers=0"] + overrides)
     validate(cfg)
+    use_cpu_allocator_of_run(cfg)  # as ssl_vit.train does
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()

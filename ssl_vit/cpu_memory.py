@@ -45,6 +45,16 @@ def use_cpu_allocator(choice: str) -> dict[str, bool]:
     return {"heap_reuse": heap_reuse, "huge_pages": large_blocks_on_huge_pages()}
 
 
+def use_cpu_allocator_of_run(cfg) -> dict[str, bool] | None:
+    """What ``ssl_vit.train`` applies before building anything: the run's ``cpu_allocator`` when it
+    trains on the CPU (``None``, nothing changed, on a GPU)."""
+    from ssl_vit.precision import accelerator_type
+
+    if accelerator_type(cfg.trainer.accelerator) != "cpu":
+        return None
+    return use_cpu_allocator(cfg.get("cpu_allocator", "reuse"))
+
+
 def large_blocks_on_huge_pages() -> bool:
     """Whether torch aligns its large CPU blocks to pages for transparent huge pages (what
     ``THP_MEM_ALLOC_ENABLE`` does), probed with three odd-sized 3 MB blocks."""

@@ -39,8 +39,7 @@ from ssl_vit.callbacks.requeue import RequeueStop
 from ssl_vit.cli import config_errors_exit, run_app
 from ssl_vit.cluster import check_launch
 from ssl_vit.config import build_backbone_from_config
-from ssl_vit.cpu_memory import use_cpu_allocator
-from ssl_vit.precision import accelerator_type
+from ssl_vit.cpu_memory import use_cpu_allocator_of_run
 from ssl_vit.schema import ConfigError
 
 log = logging.getLogger("ssl_vit.train")
@@ -88,8 +87,8 @@ def prepare(cfg: DictConfig, out_dir: Path):
             raise ValueError(f"experiment={choice} is a cascade of training runs: start it with "
                              f"python -m ssl_vit.cascade experiment={choice}")
         validate(cfg)
-        if accelerator_type(cfg.trainer.accelerator) == "cpu":  # before the run's first large tensor
-            allocator = use_cpu_allocator(cfg.cpu_allocator)
+        allocator = use_cpu_allocator_of_run(cfg)  # before the run's first large tensor
+        if allocator is not None:
             log.info("cpu_allocator=%s: %s", cfg.cpu_allocator, allocator)
         with torch.device("meta"):  # checks the model config without allocating its weights
             build_backbone_from_config(cfg.model)
