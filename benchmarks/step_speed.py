@@ -189,14 +189,15 @@ def compose_config(name: str, precision: str = "fp32", extra: tuple[str, ...] = 
 
 def collated_batches(cfg, n: int):
     """The data module of ``cfg`` and its first ``n`` training batches (the real multi-crop
-    pipeline and mask collator), held in memory."""
+    pipeline and mask collator), held in memory, finished as the Trainer finishes them
+    (``data.batched_augmentation``): both sides get the same float crops and no augmentation is timed."""
     from ssl_vit.build import build_datamodule
 
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     datamodule.setup("fit")
     loader = iter(datamodule.train_dataloader())
-    return datamodule, [next(loader) for _ in range(n)]
+    return datamodule, [datamodule.on_after_batch_transfer(next(loader), 0) for _ in range(n)]
 
 
 class InMemoryBatches(torch.utils.data.Dataset):

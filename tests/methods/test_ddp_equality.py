@@ -35,6 +35,8 @@ COMMON = [
     "method.head.bottleneck_dim=16", "trainer.precision=32", f"trainer.max_steps={STEPS}", "optim.warmup_epochs=0",
     "checkpoint_every_n_steps=0", "eval.final_knn=false", "eval.knn_every_n_steps=0",
     "eval.pictures.every_n_steps=0", "trainer.enable_progress_bar=false",
+    # The reference's per-half collator (below) puts finished crops together: the workers' pipeline.
+    "data.batched_augmentation=false",
 ]
 DINOV2 = ["method=dinov2", "method.ibot.head.out_dim=64", "method.ibot.head.hidden_dim=32",
           "method.ibot.head.bottleneck_dim=16", "method.koleo_loss_weight=0.1"]

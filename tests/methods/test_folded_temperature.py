@@ -14,7 +14,7 @@ from ssl_vit.build import build_datamodule, build_method
 from ssl_vit.losses import DINOLoss, IBOTPatchLoss, koleo_loss_per_crop, local_center_statistics
 from ssl_vit.methods.teacher_targets import teacher_targets
 from ssl_vit.models.heads import DINOHead, prototype_scores
-from tests.methods.training_helpers import compose_train
+from tests.methods.training_helpers import compose_train, first_training_batch
 
 
 def test_prototype_scores_equal_the_scaled_and_shifted_logits():
@@ -89,7 +89,7 @@ def _method_and_batch(method: str, extra: list[str]):
     module = build_method(cfg, datamodule)
     module.log = module.log_dict = lambda *args, **kwargs: None
     datamodule.setup("fit")
-    batch = next(iter(datamodule.train_dataloader()))
+    batch = first_training_batch(datamodule)
     with torch.no_grad():  # a center away from zero, so that its fold is exercised
         for loss in (module.dino_loss, getattr(module, "ibot_loss", None)):
             if loss is not None:

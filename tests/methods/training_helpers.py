@@ -18,6 +18,12 @@ TINY = [
 ]
 
 
+def first_training_batch(datamodule) -> dict:
+    """The first training batch, finished as the Trainer finishes it (``data.batched_augmentation``,
+    on in the CPU recipe of DINO / DINOv2, leaves the augmentation to ``on_after_batch_transfer``)."""
+    return datamodule.on_after_batch_transfer(next(iter(datamodule.train_dataloader())), 0)
+
+
 def compose_train(overrides: list[str]):
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return compose(config_name="train", overrides=overrides)

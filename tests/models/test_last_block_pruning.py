@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ssl_vit.build import build_datamodule, build_method
 from ssl_vit.models.token_selection import SelectedRows, drop_path_rows
 from ssl_vit.models.vision_transformer import VisionTransformer
-from tests.methods.training_helpers import compose_train
+from tests.methods.training_helpers import compose_train, first_training_batch
 from tests.models.forward_comparison import assert_same_outputs_and_grads, outputs_and_grads, small_model
 
 
@@ -123,7 +123,7 @@ def test_the_config_key_prunes_every_backbone_and_the_step_is_unchanged(method):
         assert "prune_last_block" not in module.hparams["arch"]  # a training option, not architecture
         module.log = module.log_dict = lambda *args, **kwargs: None
         datamodule.setup("fit")
-        batch = next(iter(datamodule.train_dataloader()))
+        batch = first_training_batch(datamodule)
         torch.manual_seed(1)
         loss = module.training_step(batch, 0)
         loss.backward()

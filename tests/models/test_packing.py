@@ -9,7 +9,7 @@ import torch
 from ssl_vit.build import build_datamodule, build_method
 from ssl_vit.models.packing import PackedLayout, drop_path_packed
 from ssl_vit.models.vision_transformer import VisionTransformer
-from tests.methods.training_helpers import compose_train
+from tests.methods.training_helpers import compose_train, first_training_batch
 from tests.models.forward_comparison import assert_same_outputs_and_grads, outputs_and_grads, small_model
 
 
@@ -78,7 +78,7 @@ def test_the_config_key_packs_every_backbone_and_the_step_loss_is_unchanged():
         assert len(backbones) == 2 and all(b.pack_crops == packed for b in backbones)
         assert "pack_crops" not in method.hparams["arch"]  # a training option, not architecture
         datamodule.setup("fit")
-        batch = next(iter(datamodule.train_dataloader()))
+        batch = first_training_batch(datamodule)
         torch.manual_seed(1)
         losses.append(method.training_step(batch, 0).detach())
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=1e-5)
