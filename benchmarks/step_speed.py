@@ -30,7 +30,9 @@ memory (no data loading is timed):
   size set) on ``data.batch_size`` global crops.
 
 Both steps get the same model size, crops, batch, prototypes, masks (the project's collator:
-same masking ratio), precision and thread count; neither uses ``torch.compile``. The first step
+same masking ratio), precision and thread count; neither uses ``torch.compile``. Both run with
+the CPU allocator an ssl_vit run sets up (``--cpu-allocator``, default ``reuse``: see
+``ssl_vit/cpu_memory.py``; it speeds both sides alike, so the ratios compare the steps' code). The first step
 of each side is run under ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention kernels
 registered) and is not timed; then ``--warmup`` and ``--steps`` steps. ssl_vit's step skips
 the last block's work for the tokens no loss reads (``model.prune_last_block``, the default),
