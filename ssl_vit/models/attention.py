@@ -58,6 +58,26 @@ class Attention(nn.Module):
         batch, tokens, _ = x.shape
         return self.proj(self.attend(self.qkv(x), batch, tokens, rope))
 
+    def attend_first_token(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
+        """The attention output (B, D), before ``proj``, of each sequence's first token ([CLS])
+        only: keys and values from every token, the query from the [CLS] token alone (its rows
+        of the qkv weight), so no query projection or attention row is computed for the others.
+        Equal to ``attend(...)[:, 0]`` up to float rounding. The [CLS] token is a prefix token,
+        which RoPE never rotates."""
+        batch, tokens, dim = x.shape
+        weight, bias = self.qkv.weight, self.qkv.bias
+        q = F.linear(x[:, 0], weight[:dim], None if bias is None else bias[:dim])
+        kv = F.linear(x, weight[dim:], None if bias is None else bias[dim:])
+        q = q.view(batch, 1, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, 1, head_dim)
+        k, v = (t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        if self.use_explicit(q):
+            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        return out.reshape(batch, dim)
+
     def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """Several groups of different sequence lengths: the projections run once on all tokens."""
         return tokenwise(self.proj, self.attend_list(xs, ropes))

@@ -63,11 +63,15 @@ class Block(nn.Module):
     def forward_selected(self, xs: list[torch.Tensor], ropes: list[RopeTables],
                          selections: list[SelectedRows]) -> torch.Tensor:
         """The same computation for the selected rows of each group only (``token_selection``),
-        returned concatenated in group order: attention reads every token as key and value, the
-        layers after it run on the selected rows."""
-        attended = self.attn.attend_list(tokenwise(self.norm1, xs), ropes)
+        returned concatenated in group order: attention reads every token as key and value (and
+        computes the [CLS] query alone where only [CLS] rows are selected), the layers after it
+        run on the selected rows."""
+        normed = tokenwise(self.norm1, xs)
+        attended = torch.cat([
+            self.attn.attend_first_token(n, rope) if s.first_tokens_only
+            else s.take(self.attn.attend(self.attn.qkv(n), n.shape[0], n.shape[1], rope))
+            for n, rope, s in zip(normed, ropes, selections)])
         x = torch.cat([s.take(x) for s, x in zip(selections, xs)])
-        attended = torch.cat([s.take(a) for s, a in zip(selections, attended)])
         x = x + drop_path_rows(self.ls1(self.attn.proj(attended)), selections, self.drop_path1.drop_prob,
                                self.training)
         fed = self.ls2(self.mlp(self.norm2(x)))

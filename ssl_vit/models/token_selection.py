@@ -8,7 +8,9 @@ final norm produce outputs that no loss reads for all the other tokens. With
 ``VisionTransformer.set_last_block_pruning`` they run on the selected rows only: at the CPU
 preset (depth 6, 2 x 37 + 6 x 10 tokens per image) that is about a tenth of the step's matrix
 work, with unchanged results up to float summation order (the selected rows are computed by
-the same operations on the same inputs).
+the same operations on the same inputs). Where only the [CLS] rows are selected (DINO's crops,
+DINOv2's local crops, a backbone's [CLS] embedding), the attention itself computes the [CLS]
+query alone (``Attention.attend_first_token``).
 
 Drop path draws its per-sample masks exactly as ``DropPath`` does on the whole groups (one
 (B, 1, 1) draw per group and branch, in the same order), so one random state drops the same
@@ -42,6 +44,11 @@ class SelectedRows:
         samples = torch.cat([cls_samples, patch_samples])
         rows = samples * tokens + torch.cat([torch.zeros_like(cls_samples), prefix + patch_index])
         return cls(rows, samples, batch)
+
+    @property
+    def first_tokens_only(self) -> bool:
+        """Only the [CLS] row of every sequence is selected."""
+        return self.rows.shape[0] == self.batch
 
     def take(self, x: torch.Tensor) -> torch.Tensor:
         """The selected rows (B + M, D) of a group's (B, T, D) tokens."""

@@ -1,7 +1,8 @@
 """The last block on the tokens a loss reads (``model.prune_last_block``, ``token_selection``):
 the [CLS] tokens and the selected patch tokens must come out as the full forward computes them
 (outputs and gradients within float reassociation, drop path included), for less work: the
-FLOPs saved are exactly the skipped tokens' output projection and MLP."""
+FLOPs saved are exactly the skipped tokens' output projection and MLP, and for groups of
+[CLS] rows only also their queries and attention rows."""
 from __future__ import annotations
 
 import pytest
@@ -74,6 +75,39 @@ def test_the_flops_saved_are_the_skipped_tokens_projection_and_mlp():
         counts.append(counter.get_total_flops())
     tokens, kept, dim, hidden = 4 * (1 + 1 + 16), 4 + 4, 32, 128
     assert counts[0] - counts[1] == (tokens - kept) * (2 * dim * dim + 4 * dim * hidden)
+
+
+def test_cls_only_groups_skip_the_other_queries_too():
+    """Where only the [CLS] rows are wanted, the last block also skips every other token's query
+    projection (2 D^2) and attention row (4 T D with the explicit kernel, which the counter sees)."""
+    model = _model(drop_path_rate=0.0, num_register_tokens=1).eval()
+    model.set_attention_kernel("explicit")
+    images = torch.randn(4, 3, 16, 16)
+    counts = []
+    for prune in (False, True):
+        model.set_last_block_pruning(prune)
+        with FlopCounterMode(display=False) as counter:
+            model.forward_cls_and_patches(images)
+        counts.append(counter.get_total_flops())
+    batch, tokens, dim, hidden = 4, 1 + 1 + 16, 32, 128
+    skipped = batch * (tokens - 1)
+    assert counts[0] - counts[1] == skipped * (2 * dim * dim + 4 * dim * hidden + 2 * dim * dim + 4 * tokens * dim)
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "explicit"])
+@pytest.mark.parametrize("arch", [{}, {"pos_embed": "rope", "num_register_tokens": 2}], ids=["learned", "rope"])
+def test_the_cls_query_alone_equals_the_full_attentions_first_row(kernel, arch):
+    model = _model(**arch)
+    attn = model.blocks[-1].attn
+    attn.kernel = kernel
+    x = torch.randn(3, 1 + model.num_register_tokens + 16, 32, requires_grad=True)
+    rope = model.rope_tables((4, 4))
+    full = attn.attend(attn.qkv(x), 3, x.shape[1], rope)[:, 0]
+    (grad_full,) = torch.autograd.grad(full.square().sum(), x)
+    alone = attn.attend_first_token(x, rope)
+    (grad_alone,) = torch.autograd.grad(alone.square().sum(), x)
+    torch.testing.assert_close(alone, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_alone, grad_full, rtol=1e-4, atol=1e-6)
 
 
 def test_selected_rows_and_their_drop_path():
