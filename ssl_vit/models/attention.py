@@ -46,13 +46,15 @@ class Attention(nn.Module):
         q, k, v = self.split_heads(qkv, batch, tokens)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return self.softmax_attention(q, k, v).transpose(1, 2).reshape(batch, tokens, -1)
+
+    def softmax_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(head_dim)) v on (B, heads, T, head_dim), by the chosen kernel."""
         if self.use_explicit(q):
             # In bf16 on the CPU, plain softmax(q k^T) v runs forward+backward 2-6x faster than
             # torch's CPU flash kernel at ViT sequence lengths (benchmarks/attention.py).
-            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return out.transpose(1, 2).reshape(batch, tokens, -1)
+            return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+        return F.scaled_dot_product_attention(q, k, v)
 
     def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
         batch, tokens, _ = x.shape
@@ -72,11 +74,7 @@ class Attention(nn.Module):
         k, v = (t.view(batch, tokens, self.num_heads, self.head_dim).transpose(1, 2) for t in kv.chunk(2, dim=-1))
         if rope is not None:
             k = apply_rope(k, *rope)
-        if self.use_explicit(q):
-            out = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v)
-        return out.reshape(batch, dim)
+        return self.softmax_attention(q, k, v).reshape(batch, dim)
 
     def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """Several groups of different sequence lengths: the projections run once on all tokens."""

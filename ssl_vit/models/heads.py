@@ -51,9 +51,9 @@ class WeightNormLinear(nn.Module):
         # Same as torch's norm_except_dim(v, 2, 0): no eps (a zero row would be a 0/0).
         return self.weight_v * (self.weight_g / self.weight_v.norm(p=2, dim=1, keepdim=True))
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0, shift: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale * x @ W.T + shift`` (see :func:`prototype_scores`); ``x @ W.T`` by default."""
-        return prototype_scores(x, self.weight, scale, shift)
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``scale * x @ W.T`` (see :func:`prototype_scores`); ``x @ W.T`` by default."""
+        return prototype_scores(x, self.weight, scale)
 
     def extra_repr(self) -> str:
         return (
