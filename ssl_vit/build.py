@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
 from omegaconf import DictConfig, ListConfig
 
 from ssl_vit.callbacks import CollapseMonitor, KNNMonitor, LastCheckpoint, StepSeeds
 from ssl_vit.callbacks.pictures import FeaturePictures
+from ssl_vit.callbacks.progress import LoggingIntervalProgressBar
 from ssl_vit.callbacks.reconstruction import ReconstructionPictures
 from ssl_vit.callbacks.requeue import RequeueOnSignal
 from ssl_vit.cluster import slurm_plugins
@@ -183,6 +183,7 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
         global_batch_size=plan.global_batch_size,
         preprocessing=datamodule.describe(),
     )
+    method.finite_check = cfg.get("finite_check", "auto")
     if cfg.model.get("init"):  # student and teacher start from the same outside weights
         method.load_backbone_weights(initial_weights_for(cfg.model.init, backbone_arch(cfg.model)))
     for module in method.modules():
@@ -292,7 +293,7 @@ def build_trainer(cfg: DictConfig, out_dir: Path, datamodule: SSLDataModule, knn
                             cfg.get("checkpoint_keep", 2))
     callbacks: list[Any] = [saving, CollapseMonitor(), StepSeeds(cfg.seed)]
     if cfg.trainer.get("enable_progress_bar", True):  # trainer.enable_progress_bar=false: quiet logs
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+        callbacks.append(LoggingIntervalProgressBar())
     # The pictures show fixed validation images when the run has a validation split to draw on
     # (it is needed for k-NN anyway); otherwise the first training images, so that a small or
     # unlabelled folder still trains.

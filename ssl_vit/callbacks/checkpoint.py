@@ -1,5 +1,5 @@
 """Keeps DIR/checkpoints/ current: a checkpoint every N optimizer steps and/or every M minutes,
-at the end, and on a crash; the newest is ``last.ckpt``, the ``keep`` newest are kept as
+at the end, and on a crash (unless a non-finite loss has spoilt the weights); the newest is ``last.ckpt``, the ``keep`` newest are kept as
 ``step-XXXXXXX.ckpt`` beside it (older ones are deleted).
 
 Every file is written to a temporary name and renamed, so a run killed mid-write leaves the
@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 
 from ssl_vit.callbacks.step_tracking import OptimizerStepCallback
 from ssl_vit.checkpoints import LAST, step_checkpoints, step_file_name
+from ssl_vit.losses.checks import NonFiniteLossError
 
 
 class LastCheckpoint(OptimizerStepCallback):
@@ -79,4 +81,14 @@ class LastCheckpoint(OptimizerStepCallback):
         self.save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        self.save(trainer)
+        if getattr(exception, "weights_spoilt", False):
+            # A non-finite loss found after an optimizer step used it (finite_check=logging_interval):
+            # the weights in memory are not worth resuming from; the newest checkpoint predates it.
+            newest = f"step {self._saved_step}" if self._saved_step >= 0 else "none from this run"
+            rank_zero_warn(f"no checkpoint written at the crash: the weights took a step with a non-finite loss "
+                           f"(newest checkpoint in {self.dir}: {newest})")
+            return
+        try:
+            self.save(trainer)
+        except NonFiniteLossError as err:  # the save found a non-finite loss not yet reported
+            rank_zero_warn(f"no checkpoint written at the crash: {err}")

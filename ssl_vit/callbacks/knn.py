@@ -49,7 +49,8 @@ class KNNMonitor(OptimizerStepCallback):
         bf16 = "bf16" in str(trainer.precision)
         accuracy = knn_accuracy(pl_module.evaluation_backbone(), *self._loaders, pl_module.device, self.k,
                                 self.temperature, torch.bfloat16 if bf16 else None)
-        pl_module.log("knn_top1", accuracy, prog_bar=True, on_step=True, on_epoch=False)
+        # Shown by the progress bar (callbacks/progress.py); prog_bar=True would read it every step.
+        pl_module.log("knn_top1", accuracy, on_step=True, on_epoch=False)
         return accuracy
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

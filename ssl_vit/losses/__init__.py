@@ -1,6 +1,6 @@
 """Losses of DINO and DINOv2: DINO cls loss with centering or Sinkhorn-Knopp, iBOT patch loss,
 KoLeo regulariser, plus small distributed helpers and a finiteness guard."""
-from ssl_vit.losses.checks import check_finite
+from ssl_vit.losses.checks import NonFiniteLossError, check_finite
 from ssl_vit.losses.center import CENTER_REDUCTIONS, ema_center_update, local_center_statistics
 from ssl_vit.losses.dino import DINOLoss
 from ssl_vit.losses.distributed import all_reduce_mean, all_reduce_sum, is_dist_enabled, rank, world_size
@@ -14,6 +14,7 @@ __all__ = [
     "IBOTPatchLoss",
     "all_reduce_mean",
     "all_reduce_sum",
+    "NonFiniteLossError",
     "check_finite",
     "ema_center_update",
     "is_dist_enabled",

@@ -45,10 +45,11 @@ class DINOv2(SelfDistillationMethod):
         return model["ibot_head"] if "ibot_head" in model else model["dino_head"]
 
     @torch.no_grad()
-    def teacher_targets(self, globals_: torch.Tensor, masks: torch.Tensor, temp: float):
-        """Targets of the [CLS] tokens (2B, K) and of the masked patches (M, K, row-major); with
-        centering, this batch also goes into the centers' pending update."""
-        out = self.teacher.backbone.forward_cls_and_patches(globals_, patches=masks)
+    def teacher_targets(self, globals_: torch.Tensor, masked: torch.Tensor, temp: float):
+        """Targets of the [CLS] tokens (2B, K) and of the masked patches (M, K, row-major), given
+        as a mask or as its flat indices; with centering, this batch also goes into the centers'
+        pending update."""
+        out = self.teacher.backbone.forward_cls_and_patches(globals_, patches=masked)
         return cls_and_patch_targets(self.teacher.dino_head, out["x_norm_clstoken"], self.patch_head(self.teacher),
                                      out["x_norm_selected_patchtokens"], self.dino_loss, self.ibot_loss, temp,
                                      self.cfg["centering"])
@@ -58,17 +59,20 @@ class DINOv2(SelfDistillationMethod):
         batch_size = globals_.shape[0] // 2
         n_local = locals_.shape[0] // batch_size
         temp = self.teacher_temp_at(self.global_step)
+        # The masked positions as flat indices, computed on the host by the collate (as in
+        # DINOv2's mask_indices_list): selecting by the bool mask would synchronise with the device.
+        masked = batch.get("masked_indices", masks)
 
-        cls_targets, patch_targets = self.teacher_targets(globals_, masks, temp)
+        cls_targets, patch_targets = self.teacher_targets(globals_, masked, temp)
 
         # Student: masked globals and unmasked locals in one multi-crop backbone call; the losses
         # read the [CLS] tokens and the globals' masked patch tokens.
         if n_local:
             out_global, out_local = self.student.backbone.forward_cls_and_patches(
-                [globals_, locals_], [masks, None], patches=[masks, None])
+                [globals_, locals_], [masks, None], patches=[masked, None])
             cls_tokens = torch.cat([out_global["x_norm_clstoken"], out_local["x_norm_clstoken"]])
         else:
-            out_global = self.student.backbone.forward_cls_and_patches(globals_, masks, patches=masks)
+            out_global = self.student.backbone.forward_cls_and_patches(globals_, masks, patches=masked)
             cls_tokens = out_global["x_norm_clstoken"]
         # Logits / student temperature: the scale is applied to the heads' bottleneck features.
         student_cls_scores, student_patch_scores = cls_and_patch_logits(

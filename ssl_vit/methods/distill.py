@@ -108,7 +108,8 @@ class Distillation(SelfDistillationMethod):
         # Student: every crop unmasked, globals first, in one multi-crop backbone call; the losses
         # read every patch token of the globals and only the [CLS] token of the locals.
         crops = [globals_, locals_] if n_local else [globals_]
-        every_patch = torch.ones(globals_.shape[0], grid[0] * grid[1], dtype=torch.bool, device=globals_.device)
+        # As flat indices rather than an all-True mask: no host synchronisation on an accelerator.
+        every_patch = torch.arange(globals_.shape[0] * grid[0] * grid[1], device=globals_.device)
         outs = self.student.backbone.forward_cls_and_patches(crops, None, [every_patch] + [None] * (len(crops) - 1))
         out_global = outs[0]
         patch_tokens = out_global["x_norm_selected_patchtokens"].unflatten(0, (globals_.shape[0], -1))

@@ -16,8 +16,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from ssl_vit.losses import check_finite
 from ssl_vit.losses.mae import mae_loss
+from ssl_vit.methods.finite_check import FiniteLossChecks
 from ssl_vit.methods.mae_masking import kept_patches, random_masking
 from ssl_vit.methods.param_groups import adamw, apply_lr_wd, build_param_groups
 from ssl_vit.methods.schedules import HalfCycleCosineSchedule, scaled_lr
@@ -50,7 +50,7 @@ def init_like_mae(module: nn.Module) -> None:
         nn.init.zeros_(patch_proj.bias)
 
 
-class MAE(L.LightningModule):
+class MAE(FiniteLossChecks, L.LightningModule):
     name = "mae"
 
     def __init__(self, arch: dict[str, Any], method: dict[str, Any], optim: dict[str, Any], total_steps: int,
@@ -113,7 +113,7 @@ class MAE(L.LightningModule):
         grid = self.encoder.patch_embed.grid_size(*images.shape[-2:])
         ids_keep, mask, ids_restore = random_masking(images.new_empty(images.shape[0], grid[0] * grid[1]),
                                                      self.mask_ratio, noise)
-        out = self.encoder.forward_visible(images, ids_keep)
+        out = self.encoder.forward_visible(images, ids_keep, check_range=False)  # valid by construction
         tokens = torch.cat([out["x_norm_clstoken"].unsqueeze(1), out["x_norm_regtokens"],
                             out["x_norm_patchtokens"]], dim=1)
         pred = self.decoder(tokens, ids_restore, grid, num_prefix=1 + self.encoder.num_register_tokens)
@@ -123,9 +123,7 @@ class MAE(L.LightningModule):
         images, _ = batch  # one augmented view per image; labels unused
         pred, mask = self.reconstruct(images)
         loss = mae_loss(images, pred, mask, self.encoder.patch_size, self.norm_pix_loss)
-        check_finite("mae", loss.detach(), self.global_step)
-        self.log("loss", loss.detach(), on_step=True, prog_bar=True)
-        return loss
+        return self.checked_total({"mae": (1.0, loss)})
 
     def heldout_metrics(self, loader, device, seed: int = 0) -> dict[str, float]:
         """Reconstruction loss on held-out images beside the trivial predictor's (train.py prints
@@ -152,6 +150,7 @@ class MAE(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_nonfinite_seen()  # never save weights that a non-finite loss has spoilt
         checkpoint["ssl_vit"] = {
             "method": self.name,
             "arch": dict(self.encoder.arch),

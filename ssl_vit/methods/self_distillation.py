@@ -28,9 +28,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 from torch import nn
 
-from ssl_vit.losses import check_finite
 from ssl_vit.losses.center import EMACenterMixin
 from ssl_vit.methods.ema import copy_student_to_teacher, ema_parameter_lists, ema_update_lists
+from ssl_vit.methods.finite_check import FiniteLossChecks
 from ssl_vit.methods.param_groups import adamw, apply_lr_wd, build_param_groups
 from ssl_vit.methods.schedules import (
     freeze_last_layer_active,
@@ -47,7 +47,7 @@ from ssl_vit.models.heads import DINOHead
 TEACHER_BACKBONE_PREFIX = "teacher.backbone."
 
 
-class SelfDistillationMethod(L.LightningModule):
+class SelfDistillationMethod(FiniteLossChecks, L.LightningModule):
     name = "self_distillation"
     # DINOv2 freezes the last layer with lr 0; DINO drops its gradients instead.
     freeze_last_layer_by_lr = False
@@ -186,21 +186,6 @@ class SelfDistillationMethod(L.LightningModule):
         self.ema_copy.eval()  # Lightning puts the whole module in train mode; the EMA copy never is
 
     # ------------------------------------------------------------------ step helpers
-    def checked_total(self, weighted_terms: dict[str, tuple[float, torch.Tensor]]) -> torch.Tensor:
-        """Weighted sum of loss terms; a non-finite term stops the step naming term and step.
-        One host synchronisation per step (on the total); the terms are looked at only when the
-        total is not finite."""
-        total = 0.0
-        for term, (weight, value) in weighted_terms.items():
-            self.log(f"loss/{term}", value.detach(), on_step=True, prog_bar=False)
-            total = total + weight * value
-        if not bool(torch.isfinite(total.detach())):
-            for term, (_, value) in weighted_terms.items():
-                check_finite(term, value.detach(), self.global_step)
-            check_finite("total", total.detach(), self.global_step)  # finite terms, a non-finite sum
-        self.log("loss", total.detach(), on_step=True, prog_bar=True)
-        return total
-
     @torch.no_grad()
     def log_collapse_metrics(self, teacher_probs: torch.Tensor, student_scores: torch.Tensor) -> None:
         """Teacher output entropy (per sample and of the batch mean) and KL(teacher || student),
@@ -225,6 +210,7 @@ class SelfDistillationMethod(L.LightningModule):
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_if_nonfinite_seen()  # never save weights that a non-finite loss has spoilt
         checkpoint["ssl_vit"] = {
             "method": self.name,
             "arch": dict(self.student.backbone.arch),

@@ -35,12 +35,21 @@ class SelectedRows:
     @classmethod
     def of(cls, batch: int, tokens: int, prefix: int, patches: torch.Tensor | None,
            device: torch.device) -> "SelectedRows":
-        """``patches``: (B, N) bool, True = this patch token's output is wanted (None: none);
-        ``prefix``: the tokens before the patches ([CLS] and registers)."""
+        """``patches``: (B, N) bool, True = this patch token's output is wanted, or the (M,)
+        flat indices of the wanted patches in the (B * N) patch tokens, row-major (as
+        ``mask.reshape(-1).nonzero()``: DINOv2's collate computes them on the host), or None:
+        none; ``prefix``: the tokens before the patches ([CLS] and registers). A bool mask
+        costs a host synchronisation on an accelerator (its number of True entries sizes the
+        output); indices cost none."""
         cls_samples = torch.arange(batch, device=device)
         if patches is None:
             return cls(cls_samples * tokens, cls_samples, batch)
-        patch_samples, patch_index = patches.nonzero(as_tuple=True)  # row-major, as boolean indexing
+        if patches.dtype == torch.bool:
+            patch_samples, patch_index = patches.nonzero(as_tuple=True)  # row-major, as boolean indexing
+        else:
+            num_patches = tokens - prefix
+            patch_samples = torch.div(patches, num_patches, rounding_mode="floor")
+            patch_index = patches - patch_samples * num_patches
         samples = torch.cat([cls_samples, patch_samples])
         rows = samples * tokens + torch.cat([torch.zeros_like(cls_samples), prefix + patch_index])
         return cls(rows, samples, batch)

@@ -256,9 +256,11 @@ class VisionTransformer(nn.Module):
 
     def forward_cls_and_patches(self, images, masks=None, patches=None):
         """The normalised [CLS] token of every image and the patch tokens at ``patches``, a
-        (B, N) bool tensor (True = wanted; None: no patch token), as ``{"x_norm_clstoken": (B, D),
-        "x_norm_selected_patchtokens": (M, D)}``, the M patches in row-major order (as
-        ``x_norm_patchtokens[patches]``). Lists of image batches, masks and patches give a list
+        (B, N) bool tensor (True = wanted; None: no patch token) or the (M,) integer indices of
+        the wanted patches in the flattened (B * N) patch tokens (as ``mask.reshape(-1).nonzero()``;
+        unlike a mask they need no host synchronisation on an accelerator), as
+        ``{"x_norm_clstoken": (B, D), "x_norm_selected_patchtokens": (M, D)}``, the M patches in
+        row-major order (as ``x_norm_patchtokens[patches]``), or in the order of the indices. Lists of image batches, masks and patches give a list
         of dicts (multi-crop). Pruned (``set_last_block_pruning``), the last block and the final
         norm compute these tokens only."""
         single = not isinstance(images, (list, tuple))
@@ -276,7 +278,8 @@ class VisionTransformer(nn.Module):
             for out, p in zip(full, patches):
                 tokens = out["x_norm_patchtokens"]
                 _check_patch_selection(p, tokens.shape[0], tokens.shape[1])
-                selected = tokens[p] if p is not None else tokens.new_zeros(0, tokens.shape[-1])
+                selected = (tokens.new_zeros(0, tokens.shape[-1]) if p is None else tokens[p] if p.dtype == torch.bool
+                            else tokens.reshape(-1, tokens.shape[-1]).index_select(0, p))
                 outs.append({"x_norm_clstoken": out["x_norm_clstoken"], "x_norm_selected_patchtokens": selected})
         return outs[0] if single else outs
 
@@ -292,11 +295,13 @@ class VisionTransformer(nn.Module):
         return [{"x_norm_clstoken": part[: selection.batch], "x_norm_selected_patchtokens": part[selection.batch:]}
                 for part, selection in zip(rows.split([len(s.rows) for s in selections]), selections)]
 
-    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward_visible(self, images: torch.Tensor, ids_keep: torch.Tensor,
+                        check_range: bool = True) -> dict[str, torch.Tensor]:
         """Encode only the patches ``ids_keep`` (B, K) (row-major indices), positions added first.
 
         Returns the dict of ``forward_features`` with ``x_norm_patchtokens`` of shape (B, K, D) in
-        the order of ``ids_keep``.
+        the order of ``ids_keep``. ``check_range=False`` skips the check of the indices' values,
+        which synchronises with an accelerator (MAE's own masking draws valid ones every step).
         """
         if self.pos_embed_type == "rope":
             raise ValueError("forward_visible needs absolute positions; pos_embed='rope' is not supported")
@@ -307,7 +312,7 @@ class VisionTransformer(nn.Module):
                 f"ids_keep must be an integer tensor of shape (B, K) with B={batch}, "
                 f"got {ids_keep.dtype} of shape {tuple(ids_keep.shape)}"
             )
-        if ids_keep.numel() and (ids_keep.min() < 0 or ids_keep.max() >= num_patches):
+        if check_range and ids_keep.numel() and (ids_keep.min() < 0 or ids_keep.max() >= num_patches):
             raise ValueError(f"ids_keep must index patches in [0, {num_patches}), got values out of range")
         x = x + self.patch_positions(grid)
         x = torch.gather(x, 1, ids_keep.long().unsqueeze(-1).expand(-1, -1, dim))
@@ -343,11 +348,24 @@ class VisionTransformer(nn.Module):
 
 
 def _check_patch_selection(patches: torch.Tensor | None, batch: int, num_patches: int) -> None:
-    if patches is not None and (not isinstance(patches, torch.Tensor) or patches.dtype != torch.bool
-                                or tuple(patches.shape) != (batch, num_patches)):
-        got = f"{patches.dtype} of shape {tuple(patches.shape)}" if isinstance(patches, torch.Tensor) \
-            else type(patches).__name__
-        raise ValueError(f"patches must be a bool tensor of shape (B, N) = ({batch}, {num_patches}), got {got}")
+    """A (B, N) bool mask or (M,) integer indices into the B * N patch tokens. The indices'
+    range is asserted on the device (``torch._assert_async``): reading it on the host would wait
+    for an accelerator."""
+    if patches is None:
+        return
+    wanted = f"a bool tensor of shape (B, N) = ({batch}, {num_patches}) or integer indices of shape (M,) in " \
+             f"[0, {batch * num_patches})"
+    if not isinstance(patches, torch.Tensor):
+        raise ValueError(f"patches must be {wanted}, got {type(patches).__name__}")
+    if patches.dtype == torch.bool:
+        if tuple(patches.shape) != (batch, num_patches):
+            raise ValueError(f"patches must be {wanted}, got a bool tensor of shape {tuple(patches.shape)}")
+        return
+    if patches.dtype not in (torch.int64, torch.int32) or patches.ndim != 1:
+        raise ValueError(f"patches must be {wanted}, got {patches.dtype} of shape {tuple(patches.shape)}")
+    if patches.numel():
+        torch._assert_async((patches.min() >= 0) & (patches.max() < batch * num_patches),
+                            f"patches must be {wanted}: an index is out of range")
 
 
 def build_backbone(arch: dict[str, Any]) -> VisionTransformer:

@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 from omegaconf import MISSING
 
 from ssl_vit.cpu_memory import CPU_ALLOCATORS
+from ssl_vit.methods.finite_check import FINITE_CHECKS
 from ssl_vit.schema.fields import int_at_least, one_of, rule, setting
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
@@ -151,6 +152,11 @@ class TrainConfig:
                                  "faults on each step's fresh tensors; ssl_vit/cpu_memory.py) | system (the C "
                                  "library's defaults)",
                                  **rule(one_of(CPU_ALLOCATORS)))
+    finite_check: str = setting("auto", "when a non-finite loss is looked for: every_step (stops at the bad step; "
+                                "on an accelerator the host waits for each step's forward pass) | logging_interval "
+                                "(recorded on the device, read every trainer.log_every_n_steps steps and before each "
+                                "checkpoint) | auto (every_step on the CPU, else logging_interval; "
+                                "ssl_vit/methods/finite_check.py)", **rule(one_of(FINITE_CHECKS)))
     cascade: Any = setting(None, "set by cascade recipes only (python -m ssl_vit.cascade runs them)",
                            allowed="null (a cascade runs with python -m ssl_vit.cascade)", ok=lambda v: v is None)
 

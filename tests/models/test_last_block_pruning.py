@@ -133,11 +133,45 @@ def test_selected_rows_and_their_drop_path():
 def test_bad_patch_selection_names_the_expected_shape(prune):
     model = _model()
     model.set_last_block_pruning(prune)
-    with pytest.raises(ValueError, match=r"patches must be a bool tensor of shape \(B, N\) = \(2, 16\), got "
-                                         r"torch.bool of shape \(2, 9\)"):
+    with pytest.raises(ValueError, match=r"patches must be a bool tensor of shape \(B, N\) = \(2, 16\) or integer "
+                                         r"indices of shape \(M,\) in \[0, 32\), got a bool tensor of shape \(2, 9\)"):
         model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(2, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match="got torch.int64 of shape"):
         model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(2, 16, dtype=torch.long))
+    with pytest.raises(ValueError, match="got torch.float32 of shape"):
+        model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.ones(3))
+    # The range of indices is asserted on the device, without reading them on the host.
+    with pytest.raises(RuntimeError, match=r"in \[0, 32\): an index is out of range"):
+        model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.tensor([3, 32]))
+    with pytest.raises(RuntimeError, match="an index is out of range"):
+        model.forward_cls_and_patches(torch.randn(2, 3, 16, 16), patches=torch.tensor([-1]))
+
+
+@pytest.mark.parametrize("prune", [True, False])
+def test_flat_patch_indices_select_as_the_mask_does(prune):
+    """DINOv2 passes the collate's host-computed indices of the masked patches instead of the
+    mask (no host synchronisation on an accelerator): the same tokens, bit for bit."""
+    model = _model()
+    model.set_last_block_pruning(prune)
+    images = [torch.randn(6, 3, 16, 16), torch.randn(18, 3, 8, 8)]
+    mask = torch.rand(6, 16) < 0.4
+    mask[2] = False  # a crop without masked patches
+    indices = mask.reshape(-1).nonzero().reshape(-1)
+    torch.manual_seed(0)
+    by_mask = model.forward_cls_and_patches(images, [mask, None], [mask, None])
+    for dtype in (torch.int64, torch.int32):
+        torch.manual_seed(0)
+        by_index = model.forward_cls_and_patches(images, [mask, None], [indices.to(dtype), None])
+        for a, b in zip(by_mask, by_index):
+            assert torch.equal(a["x_norm_clstoken"], b["x_norm_clstoken"])
+            assert torch.equal(a["x_norm_selected_patchtokens"], b["x_norm_selected_patchtokens"])
+    assert by_mask[0]["x_norm_selected_patchtokens"].shape == (int(mask.sum()), 32)
+    # Indices in another order select the tokens in that order.
+    torch.manual_seed(0)
+    in_order = model.forward_cls_and_patches(images[0], mask, indices)["x_norm_selected_patchtokens"]
+    torch.manual_seed(0)
+    flipped = model.forward_cls_and_patches(images[0], mask, indices.flip(0))["x_norm_selected_patchtokens"]
+    torch.testing.assert_close(flipped, in_order.flip(0), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="2 image batches, 2 masks and 1 patch"):
         model.forward_cls_and_patches([torch.randn(2, 3, 16, 16)] * 2, [None, None], [None])
 
