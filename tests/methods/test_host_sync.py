@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 import ssl_vit.train as train_module
 from training_helpers import TINY, compose_train
+from tests.methods.test_distill import DISTILL, save_teacher
 from tests.methods.test_mae import MAE_TINY
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "nonzero", "argwhere",
@@ -110,9 +111,19 @@ RUNS = {
 }
 
 
-@pytest.mark.parametrize("run", list(RUNS))
-def test_steps_between_logging_steps_never_read_on_the_host(run, tmp_path, monkeypatch):
-    recorder = _run_recorded(RUNS[run] + ["finite_check=logging_interval"], tmp_path, monkeypatch)
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    return save_teacher(tmp_path_factory, "teacher", ["method=dinov2"])
+
+
+@pytest.mark.parametrize("run", list(RUNS) + ["distill-heads", "distill-features"])
+def test_steps_between_logging_steps_never_read_on_the_host(run, tmp_path, monkeypatch, request):
+    if run.startswith("distill"):
+        teacher = request.getfixturevalue("teacher_checkpoint")
+        overrides = DISTILL + [f"method.teacher.checkpoint={teacher}", f"method.teacher.target={run.split('-')[1]}"]
+    else:
+        overrides = RUNS[run]
+    recorder = _run_recorded(overrides + ["finite_check=logging_interval"], tmp_path, monkeypatch)
     assert dict(recorder.seen) == {}
 
 
