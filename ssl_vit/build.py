@@ -194,6 +194,8 @@ def build_method(cfg: DictConfig, datamodule: SSLDataModule, world_size: int | N
             if cfg.model.get("pack_crops"):
                 module.set_crop_packing(True)
             module.set_last_block_pruning(cfg.model.get("prune_last_block", True))
+            law = cfg.model.get("drop_path_law", "auto")
+            module.set_drop_path_law(method.drop_path_law if law == "auto" else law)
             if cfg.model.get("compile"):
                 module.compile_blocks()
     return method

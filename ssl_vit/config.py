@@ -9,7 +9,7 @@ from ssl_vit.models import VisionTransformer, build_backbone
 
 # Keys of the model group that are not VisionTransformer arguments.
 MODEL_META_KEYS = ("name", "init", "activation_checkpointing", "compile", "pack_crops", "attention",
-                   "prune_last_block")  # not arguments of VisionTransformer
+                   "prune_last_block", "drop_path_law")  # not arguments of VisionTransformer
 
 
 def to_dict(node: DictConfig | Mapping[str, Any]) -> dict[str, Any]:

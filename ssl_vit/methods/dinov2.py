@@ -21,6 +21,7 @@ from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
 class DINOv2(SelfDistillationMethod):
     name = "dinov2"
     freeze_last_layer_by_lr = True
+    drop_path_law = "subset"  # the official multi-crop path: fixed-size random subsets per crop group
 
     def build_heads(self, embed_dim: int) -> dict[str, nn.Module]:
         cfg = self.cfg

@@ -46,6 +46,7 @@ from ssl_vit.models.heads import DINOHead, cls_and_patch_logits
 class Distillation(SelfDistillationMethod):
     name = "distill"
     freeze_last_layer_by_lr = True  # DINOv2's way: lr 0 for the prototypes during the first epoch
+    drop_path_law = "subset"  # DINOv2's way, as its distillation runs the same training code
     ema_attribute = "student_ema"  # the final model; "teacher" is the frozen pretrained one
     ema_momentum_key = "ema_momentum"
     masks_student = False

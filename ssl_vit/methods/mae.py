@@ -52,6 +52,7 @@ def init_like_mae(module: nn.Module) -> None:
 
 class MAE(FiniteLossChecks, L.LightningModule):
     name = "mae"
+    drop_path_law = "bernoulli"  # timm's DropPath, as the official MAE
 
     def __init__(self, arch: dict[str, Any], method: dict[str, Any], optim: dict[str, Any], total_steps: int,
                  steps_per_epoch: int, global_batch_size: int, preprocessing: dict[str, Any] | None = None):

@@ -51,6 +51,8 @@ class SelfDistillationMethod(FiniteLossChecks, L.LightningModule):
     name = "self_distillation"
     # DINOv2 freezes the last layer with lr 0; DINO drops its gradients instead.
     freeze_last_layer_by_lr = False
+    # Stochastic depth as the official code draws it (models/stochastic_depth.py): DINO masks samples.
+    drop_path_law = "bernoulli"
     # Used when the method config has no ``teacher_temp_schedule`` key (tools that build a method
     # from older dicts); DINO warms its teacher temperature up per epoch, DINOv2 per step.
     default_teacher_temp_schedule = "per_step"

@@ -1,4 +1,8 @@
-"""Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x))))."""
+"""Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x)))).
+
+Drop path follows ``drop_path_law`` (``stochastic_depth``): per-sample Bernoulli masks on the
+branch computed for every sample, or DINOv2's fixed-size subsets with the branch computed on the
+kept samples only."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +11,7 @@ from torch import nn
 from ssl_vit.models.attention import Attention, RopeTables, tokenwise
 from ssl_vit.models.layers import DropPath, LayerScale, Mlp, SwiGLU, swiglu_hidden_dim
 from ssl_vit.models.packing import PackedLayout, drop_path_packed
+from ssl_vit.models.stochastic_depth import add_residuals_on_subsets
 from ssl_vit.models.token_selection import SelectedRows, drop_path_rows
 
 FFN_LAYERS = ("mlp", "swiglu")
@@ -38,8 +43,15 @@ class Block(nn.Module):
             raise ValueError(f"ffn_layer must be one of {FFN_LAYERS}, got {ffn_layer!r}")
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path)
+        self.drop_path_law = "bernoulli"  # VisionTransformer.set_drop_path_law: the method's choice
+
+    def drops_subsets(self) -> bool:
+        """Drop path by the subset law now (training, a non-zero rate): branches on kept samples only."""
+        return self.training and self.drop_path_law == "subset" and self.drop_path1.drop_prob > 0.0
 
     def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
+        if self.drops_subsets():
+            return self.forward_list([x], [rope])[0]
         x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope)))
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
@@ -47,6 +59,11 @@ class Block(nn.Module):
     def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """The same computation for groups of different lengths (multi-crop), batching the
         per-token layers across groups; drop path stays per sample within each group."""
+        if self.drops_subsets():
+            xs = add_residuals_on_subsets(xs, self.drop_path1.drop_prob, lambda kept: [
+                self.ls1(a) for a in self.attn.forward_list(tokenwise(self.norm1, kept), ropes)])
+            return add_residuals_on_subsets(xs, self.drop_path2.drop_prob, lambda kept: tokenwise(
+                lambda t: self.ls2(self.mlp(self.norm2(t))), kept))
         attended = self.attn.forward_list(tokenwise(self.norm1, xs), ropes)
         xs = [x + self.drop_path1(self.ls1(a)) for x, a in zip(xs, attended)]
         fed = tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), xs)
@@ -56,9 +73,10 @@ class Block(nn.Module):
         """The same computation on packed groups (``packing``): per-token layers once on the
         packed (tokens, width) matrix, attention per group, drop path per sequence."""
         attended = self.attn.forward_packed(self.norm1(x), layout, ropes)
-        x = x + drop_path_packed(self.ls1(attended), layout, self.drop_path1.drop_prob, self.training)
+        law = self.drop_path_law
+        x = x + drop_path_packed(self.ls1(attended), layout, self.drop_path1.drop_prob, self.training, law)
         fed = self.ls2(self.mlp(self.norm2(x)))
-        return x + drop_path_packed(fed, layout, self.drop_path2.drop_prob, self.training)
+        return x + drop_path_packed(fed, layout, self.drop_path2.drop_prob, self.training, law)
 
     def forward_selected(self, xs: list[torch.Tensor], ropes: list[RopeTables],
                          selections: list[SelectedRows]) -> torch.Tensor:
@@ -72,7 +90,8 @@ class Block(nn.Module):
             else s.take(self.attn.attend(self.attn.qkv(n), n.shape[0], n.shape[1], rope))
             for n, rope, s in zip(normed, ropes, selections)])
         x = torch.cat([s.take(x) for s, x in zip(selections, xs)])
+        law = self.drop_path_law
         x = x + drop_path_rows(self.ls1(self.attn.proj(attended)), selections, self.drop_path1.drop_prob,
-                               self.training)
+                               self.training, law)
         fed = self.ls2(self.mlp(self.norm2(x)))
-        return x + drop_path_rows(fed, selections, self.drop_path2.drop_prob, self.training)
+        return x + drop_path_rows(fed, selections, self.drop_path2.drop_prob, self.training, law)

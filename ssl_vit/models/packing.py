@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ssl_vit.models.stochastic_depth import subset_factors
+
 
 @dataclass(frozen=True)
 class PackedLayout:
@@ -53,12 +55,17 @@ class PackedLayout:
         ])
 
 
-def drop_path_packed(x: torch.Tensor, layout: PackedLayout, drop_prob: float, training: bool) -> torch.Tensor:
+def drop_path_packed(x: torch.Tensor, layout: PackedLayout, drop_prob: float, training: bool,
+                     law: str = "bernoulli") -> torch.Tensor:
     """Stochastic depth on a packed residual branch: each sequence's tokens are kept or dropped
     together. Masks are drawn per group with the shapes ``DropPath`` uses on the unpacked groups,
-    in the same order, so the same random state drops the same samples."""
+    in the same order, so the same random state drops the same samples (``law="subset"``: the
+    subsets of ``stochastic_depth.kept_subset``, likewise per group in order)."""
     if drop_prob == 0.0 or not training:
         return x
+    if law == "subset":
+        factors = [subset_factors(batch, drop_prob, x.device, x.dtype).view(batch, 1) for batch, _ in layout.groups]
+        return x * layout.per_token(factors)
     keep = 1.0 - drop_prob
     masks = [x.new_empty((batch, 1, 1)).bernoulli_(keep).view(batch, 1) for batch, _ in layout.groups]
     return x * layout.per_token(masks) / keep

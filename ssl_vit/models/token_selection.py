@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ssl_vit.models.stochastic_depth import subset_factors
+
 
 @dataclass(frozen=True)
 class SelectedRows:
@@ -65,11 +67,15 @@ class SelectedRows:
 
 
 def drop_path_rows(x: torch.Tensor, selections: list[SelectedRows], drop_prob: float,
-                   training: bool) -> torch.Tensor:
+                   training: bool, law: str = "bernoulli") -> torch.Tensor:
     """Stochastic depth on the concatenated selected rows of several groups: a sequence's rows
-    are kept or dropped together, with masks drawn per group as ``DropPath`` draws them."""
+    are kept or dropped together, with masks drawn per group as ``DropPath`` draws them (or,
+    ``law="subset"``, subsets drawn as ``stochastic_depth.kept_subset`` draws them)."""
     if drop_prob == 0.0 or not training:
         return x
+    if law == "subset":
+        factors = [subset_factors(s.batch, drop_prob, x.device, x.dtype) for s in selections]
+        return x * torch.cat([f.index_select(0, s.samples) for f, s in zip(factors, selections)]).unsqueeze(-1)
     keep = 1.0 - drop_prob
     masks = [x.new_empty((s.batch, 1, 1)).bernoulli_(keep).view(s.batch) for s in selections]
     per_row = torch.cat([mask.index_select(0, s.samples) for mask, s in zip(masks, selections)])

@@ -25,6 +25,7 @@ from ssl_vit.models.block import FFN_LAYERS, Block
 from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.patch_embed import PatchEmbed
 from ssl_vit.models.pos_embed import Rope2D, interpolate_pos_embed, sincos_2d_table
+from ssl_vit.models.stochastic_depth import DROP_PATH_LAWS
 from ssl_vit.models.token_selection import SelectedRows
 
 POS_EMBEDS = ("learned", "sincos", "rope")
@@ -122,6 +123,15 @@ class VisionTransformer(nn.Module):
         attention and the final norm on the tokens they return only (``token_selection``). Same
         results up to float summation order, less work: the other tokens' outputs are unused."""
         self.prune_last_block = bool(enable)
+
+    def set_drop_path_law(self, law: str) -> None:
+        """``"bernoulli"`` (per-sample masks, timm / DINO / MAE) or ``"subset"`` (DINOv2's
+        fixed-size random subsets, the branches computed on the kept samples only) in every
+        block (``stochastic_depth``). A training choice of the method, not architecture."""
+        if law not in DROP_PATH_LAWS:
+            raise ValueError(f"drop path law must be one of {DROP_PATH_LAWS}, got {law!r}")
+        for block in self.blocks:
+            block.drop_path_law = law
 
     def set_attention_kernel(self, kernel: str) -> None:
         """``"auto"`` (SDPA, but the explicit softmax(qk^T)v for bf16 / fp16 on the CPU), ``"sdpa"`` or

@@ -8,6 +8,7 @@ from typing import Optional
 from omegaconf import MISSING
 
 from ssl_vit.models.attention import ATTENTION_KERNELS
+from ssl_vit.models.stochastic_depth import DROP_PATH_LAWS
 from ssl_vit.models.vision_transformer import FFN_LAYERS, POS_EMBEDS
 from ssl_vit.schema.fields import int_at_least, number_at_least, number_in, one_of, rule, setting
 
@@ -28,6 +29,10 @@ class ModelConfig:
                                            **rule(number_at_least(0, inclusive=False)))
     drop_path_rate: float = setting(0.0, "stochastic depth of the student", **rule(number_in(0, 1, high_open=True)))
     drop_path_uniform: bool = setting(False, "the same rate in every block (else linear in depth)")
+    drop_path_law: str = setting("auto", "auto (the method's official law: subset for DINOv2 and distillation, "
+                                 "bernoulli for DINO and MAE) | bernoulli (per-sample masks) | subset (a random "
+                                 "subset of B(1-rate) samples gets each branch, computed on those only; "
+                                 "ssl_vit/models/stochastic_depth.py)", **rule(one_of(("auto",) + DROP_PATH_LAWS)))
     num_register_tokens: int = setting(0, "register tokens", **rule(int_at_least(0)))
     pos_embed: str = setting("learned", "learned | sincos | rope", **rule(one_of(POS_EMBEDS)))
     rope_theta: float = setting(100.0, "2-D RoPE base period", **rule(number_at_least(0, inclusive=False)))
