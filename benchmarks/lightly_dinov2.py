@@ -49,8 +49,12 @@ class LightlyDINOv2:
         m, method, optim = cfg.model, cfg.method, cfg.optim
         self.bf16 = bf16
         self.patch_size = m.patch_size
-        vit = timm_vit(m, init_values=m.init_values, drop_path_rate=m.drop_path_rate, pos_embed="learn",
+        vit = timm_vit(m, init_values=m.init_values, pos_embed="learn",
                        dynamic_img_size=True)  # local crops: positions resampled, as in lightly's benchmark
+        if m.drop_path_rate:  # the student's stochastic depth, set as lightly's benchmark sets it
+            from lightly.models.utils import update_drop_path_rate
+
+            update_drop_path_rate(vit, m.drop_path_rate, mode="uniform" if m.drop_path_uniform else "linear")
         self.student_backbone = MaskedVisionTransformerTIMM(vit=vit, antialias=False, pos_embed_initialization="skip")
 
         def head(spec):

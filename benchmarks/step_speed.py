@@ -35,9 +35,11 @@ the CPU allocator an ssl_vit run sets up (``--cpu-allocator``, default ``reuse``
 ``ssl_vit/cpu_memory.py``; it speeds both sides alike, so the ratios compare the steps' code). The first step
 of each side is run under ``torch.utils.flop_counter.FlopCounterMode`` (CPU attention kernels
 registered) and is not timed; then ``--warmup`` and ``--steps`` steps. ssl_vit's step skips
-the last block's work for the tokens no loss reads (``model.prune_last_block``, the default),
-so its count is lower; the check that both sides do the same work before that saving counts
-one more, untimed, bare ssl_vit step with ``model.prune_last_block=false``. Medians and min-max are
+the last block's work for the tokens no loss reads (``model.prune_last_block``, the default) and,
+with drop path, the residual branches of the samples it drops (DINOv2's subset law,
+``model.drop_path_law``), so its count is lower; the check that both sides do the same work
+before those savings counts one more, untimed, bare ssl_vit step with
+``model.prune_last_block=false model.drop_path_law=bernoulli``. Medians and min-max are
 printed, with the GFLOP/s reached against the machine's matrix-product ceiling (a large
 ``torch.mm``, fp32 and, where native, bf16). The last line is
 
@@ -84,12 +86,19 @@ class Config:
     overrides: tuple[str, ...]
 
 
+VIT_SMALL = ("model=vit_small", "method.crops.global_size=224", "method.crops.local_size=96", "method.crops.n_local=8",
+             "method.head.out_dim=65536", "method.head.hidden_dim=2048", "method.head.bottleneck_dim=256",
+             "data.batch_size=16")
 CONFIGS: dict[str, Config] = {
-    "vit_small": Config("ViT-S/16, 2x224 + 8x96 crops, batch 16, 65,536 prototypes", (
-        "model=vit_small", "method.crops.global_size=224", "method.crops.local_size=96", "method.crops.n_local=8",
-        "method.head.out_dim=65536", "method.head.hidden_dim=2048", "method.head.bottleneck_dim=256",
-        "data.batch_size=16",
-    )),
+    # The model of lightly's own DINOv2 benchmark: LayerScale 1e-5, the student's drop path 0.1 in
+    # every block (each side draws it its own way: timm's per-sample masks on every sample, ssl_vit
+    # DINOv2's subsets with the branches computed on the kept samples only).
+    "vit_small": Config("ViT-S/16 as in lightly's DINOv2 benchmark (LayerScale 1e-5, drop path 0.1 uniform), "
+                        "2x224 + 8x96 crops, batch 16, 65,536 prototypes", VIT_SMALL + (
+                            "model.init_values=1e-5", "model.drop_path_rate=0.1", "model.drop_path_uniform=true")),
+    # The configuration of the earlier runs (docs/benchmarks.md): no LayerScale, no drop path.
+    "vit_small_plain": Config("ViT-S/16 without LayerScale or drop path, 2x224 + 8x96 crops, batch 16, "
+                              "65,536 prototypes", VIT_SMALL),
     "cpu": Config("the CPU preset of the default run (experiment=cpu, model=vit_cpu) with its default crops", ()),
     # Not in the default set: a model small enough for the test and for checking that the script runs.
     "tiny": Config("a tiny smoke-test model (not a measurement)", (
@@ -371,11 +380,13 @@ def time_steps(cfg, datamodule, batches: list[dict], precision: str, warmup: int
 
 def unpruned_step_flops(cfg, datamodule, batch: dict, precision: str) -> dict[str, int]:
     """FLOPs by op of one bare ssl_vit step (``train_step.optimisation_step``) of ``cfg`` with
-    ``model.prune_last_block=false``: the work the peers do, for the FLOP agreement."""
+    ``model.prune_last_block=false`` and ``model.drop_path_law=bernoulli``: the work the peers do,
+    for the FLOP agreement."""
     from ssl_vit.build import build_method
 
     unpruned = copy.deepcopy(cfg)
     unpruned.model.prune_last_block = False
+    unpruned.model.drop_path_law = "bernoulli"  # every sample through every branch, as the peers compute it
     method = build_method(unpruned, datamodule)
     method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
     optimizer = method.configure_optimizers()
@@ -391,7 +402,10 @@ def time_backbones(cfg, images: torch.Tensor, precision: str, warmup: int,
 
     bf16 = precision == "bf16"
     torch.manual_seed(cfg.seed)
-    ours = build_backbone_from_config(cfg.model).train()
+    # The architecture timm ships at this size: no LayerScale, no drop path.
+    plain = copy.deepcopy(cfg.model)
+    plain.init_values, plain.drop_path_rate = None, 0.0
+    ours = build_backbone_from_config(plain).train()
     ours.set_attention_kernel(cfg.model.attention)  # as the training run sets it
     ours.set_last_block_pruning(False)  # timm's work: every token through the last block
     shipped = copy.deepcopy(ours)
@@ -445,7 +459,7 @@ def run_config(name: str, precisions: list[str], warmup: int, steps: int, n_batc
             cfg = compose_config(name, precision, extra)
             print(f"  [{name} {precision}] timing the steps ...", flush=True)
             result = time_steps(cfg, datamodule, batches, precision, warmup, steps, f"{out_dir}/{precision}")
-            if cfg.model.prune_last_block:
+            if cfg.model.prune_last_block or cfg.model.drop_path_rate:  # ssl_vit skips work: count what it skips
                 result.unpruned_step_flops = unpruned_step_flops(cfg, datamodule, batches[0], precision)
             if backbone:
                 print(f"  [{name} {precision}] timing the backbones ...", flush=True)
@@ -509,9 +523,10 @@ def format_table(result: ConfigResult, ceilings: dict[str, float], tolerance: fl
             if what == "step" and r.unpruned_step_flops:
                 saved = 1 - ours.total_flops / sum(r.unpruned_step_flops.values())
                 lines.append(f"    FLOPs {theirs.label.split()[0]}/{ours.label.split()[0]} = "
-                             f"{theirs.total_flops / ours.total_flops:.4f} as timed: ssl_vit's last block computes "
-                             f"only the tokens a loss reads (model.prune_last_block), {saved:.1%} of its step's FLOPs")
-                unpruned = Timing("ssl_vit step, model.prune_last_block=false", [], r.unpruned_step_flops)
+                             f"{theirs.total_flops / ours.total_flops:.4f} as timed: ssl_vit skips {saved:.1%} of "
+                             "its step's FLOPs (model.prune_last_block: the last block on the tokens a loss reads; "
+                             "model.drop_path_law=subset: residual branches on the samples drop path keeps)")
+                unpruned = Timing("ssl_vit step, every token and sample", [], r.unpruned_step_flops)
                 lines.extend(flop_agreement(unpruned, theirs, tolerance)[1])
             else:
                 lines.extend(flop_agreement(ours, theirs, tolerance)[1])
