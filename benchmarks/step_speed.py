@@ -525,7 +525,7 @@ def format_table(result: ConfigResult, ceilings: dict[str, float], tolerance: fl
                 lines.append(f"    FLOPs {theirs.label.split()[0]}/{ours.label.split()[0]} = "
                              f"{theirs.total_flops / ours.total_flops:.4f} as timed: ssl_vit skips {saved:.1%} of "
                              "its step's FLOPs (model.prune_last_block: the last block on the tokens a loss reads; "
-                             "model.drop_path_law=subset: residual branches on the samples drop path keeps)")
+                             "with drop path, model.drop_path_law=subset: residual branches on the samples it keeps)")
                 unpruned = Timing("ssl_vit step, every token and sample", [], r.unpruned_step_flops)
                 lines.extend(flop_agreement(unpruned, theirs, tolerance)[1])
             else:
