@@ -84,8 +84,26 @@ class RecordSteps(L.Callback):
         self._stop()
 
 
-def _run_recorded(overrides: list[str], tmp_path, monkeypatch) -> RecordSteps:
-    recorder = RecordSteps()
+class ErrorOnDeviceSyncs(L.Callback):
+    """On CUDA: ``torch.cuda.set_sync_debug_mode("error")`` over the same windows as
+    ``RecordSteps``, so that any call that waits for the device raises there."""
+
+    def __init__(self):
+        self.recorded = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if torch.cuda.get_sync_debug_mode():
+            torch.cuda.set_sync_debug_mode("default")
+            self.recorded += 1
+        if batch_idx in RECORDED_BATCHES:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_end(self, trainer, pl_module):
+        self.on_train_batch_start(trainer, pl_module, None, -1)
+
+
+def _run_recorded(overrides: list[str], tmp_path, monkeypatch, recorder=None):
+    recorder = recorder or RecordSteps()
     build_trainer = train_module.build_trainer
 
     def with_recorder(*args, **kwargs):
@@ -133,3 +151,13 @@ def test_the_recorder_sees_the_finite_check_read_every_step(tmp_path, monkeypatc
     recorder = _run_recorded(RUNS["dinov2"] + ["finite_check=every_step"], tmp_path, monkeypatch)
     assert [(name, where.split(" <- ")[0].rsplit(":", 1)[0], count) for (name, where), count in recorder.seen.items()] \
         == [("__bool__", "finite_check.py:checked_total", len(RECORDED_BATCHES))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("run", ["dinov2", "mae"])
+def test_cuda_steps_between_logging_steps_never_wait_for_the_device(run, tmp_path, monkeypatch, cuda_device):
+    """The same windows on a GPU in bf16 with ``finite_check=auto`` (the deferred read there):
+    CUDA's own sync debugging raises on any synchronising call."""
+    recorder = _run_recorded(RUNS[run] + ["trainer.accelerator=cuda", "trainer.precision=bf16-mixed"], tmp_path,
+                             monkeypatch, ErrorOnDeviceSyncs())
+    assert recorder.recorded == len(RECORDED_BATCHES)
