@@ -3,7 +3,9 @@
 #   1. MFU and peak memory of the DINOv2 step, bf16, batch 64, 2x224 + 8x96 crops, 65,536
 #      prototypes: ViT-B/16, and ViT-L/16 with activation checkpointing (benchmarks/gpu_utilisation.py);
 #   2. the GPU tests (SSL_VIT_GPU_TESTS=1 pytest -m gpu): bf16 training on CUDA, the entry point
-#      there, and no device synchronisation between logging steps (tests/methods/test_host_sync.py).
+#      there, and no device synchronisation between logging steps (tests/methods/test_host_sync.py);
+#   3. packed vs unpacked crops on the GPU (benchmarks/packing.py, ViT-S/16 bf16): whether
+#      model.pack_crops should be on by default there.
 # Results go to $OUT (the device tool's output folder) or ./gpu_figures.
 #
 # On this project's lent machines (the `device` tool) the image has torch, lightning, timm and
@@ -33,3 +35,5 @@ timeout 330 "${PYTHON:-python3}" benchmarks/gpu_utilisation.py --settings "${GPU
 SSL_VIT_GPU_TESTS=1 timeout 150 "${PYTHON:-python3}" -m pytest -q -m gpu -p no:cacheprovider \
     tests/methods/test_accelerator.py tests/methods/test_host_sync.py 2>&1 | tail -30 \
     | tee "$results/gpu_tests.txt"
+timeout 120 "${PYTHON:-python3}" benchmarks/packing.py --steps 5 --settings "${PACKING_SETTINGS:-vit_small}" \
+    --precisions bf16 2>&1 | tail -12 | tee "$results/packing.txt"
