@@ -86,10 +86,6 @@ def child(overrides: list[str], batch: int, count_batch: int, warmup: int, steps
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg, _, method, optimizer, prepared = prepared_step(overrides + [f"data.batch_size={batch}"], device)
-    checkpointing = bool(cfg.model.activation_checkpointing)
-    del method, optimizer, prepared
-    flops = model_flops(overrides, batch, count_batch, checkpointing, device)
-    cfg, _, method, optimizer, prepared = prepared_step(overrides + [f"data.batch_size={batch}"], device)
     bf16 = "bf16" in resolve_precision(cfg.trainer.precision, device.type)
 
     def sync() -> None:
@@ -111,6 +107,12 @@ def child(overrides: list[str], batch: int, count_batch: int, warmup: int, steps
     step_s = (time.perf_counter() - start) / steps
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    # Counted after the timing, with the timed step's memory freed (the counts build their own).
+    del method, optimizer, prepared
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    checkpointing = bool(cfg.model.activation_checkpointing)
+    flops = model_flops(overrides, batch, count_batch, checkpointing, device)
     crops = cfg.method.crops
     return {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "model": cfg.model.name, "checkpointing": checkpointing,

@@ -84,10 +84,9 @@ class FiniteLossChecks:
         step = int(first_step)
         if step < 0:
             return
-        shown = first_values.tolist()
-        term = next(name for name, value in zip(names, shown) if not math.isfinite(value))
+        term, value = next((n, v) for n, v in zip(names, first_values.tolist()) if not math.isfinite(v))
         raise NonFiniteLossError(
-            f"non-finite {term} loss ({shown[names.index(term)]}) at step {step}, found by the check at step "
+            f"non-finite {term} loss ({value}) at step {step}, found by the check at step "
             f"{self.global_step} (finite_check={self.finite_check} reads the losses every "
             f"trainer.log_every_n_steps={self.trainer.log_every_n_steps} steps and before each checkpoint; "
             "finite_check=every_step stops at the bad step itself). The weights in memory took the steps since, "

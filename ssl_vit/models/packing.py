@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_vit.models.stochastic_depth import subset_factors
+from ssl_vit.models.stochastic_depth import branch_factors
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,7 @@ def drop_path_packed(x: torch.Tensor, layout: PackedLayout, drop_prob: float, tr
     subsets of ``stochastic_depth.kept_subset``, likewise per group in order)."""
     if drop_prob == 0.0 or not training:
         return x
-    if law == "subset":
-        factors = [subset_factors(batch, drop_prob, x.device, x.dtype).view(batch, 1) for batch, _ in layout.groups]
-        return x * layout.per_token(factors)
-    keep = 1.0 - drop_prob
-    masks = [x.new_empty((batch, 1, 1)).bernoulli_(keep).view(batch, 1) for batch, _ in layout.groups]
-    return x * layout.per_token(masks) / keep
+    draws = [branch_factors(batch, drop_prob, law, x) for batch, _ in layout.groups]
+    scaled = x * layout.per_token([factors.view(-1, 1) for factors, _ in draws])
+    divisor = draws[0][1]
+    return scaled if divisor == 1.0 else scaled / divisor

@@ -36,6 +36,16 @@ def subset_factors(batch: int, drop_prob: float, device: torch.device, dtype: to
     return torch.zeros(batch, device=device, dtype=dtype).index_fill_(0, indices, scale)
 
 
+def branch_factors(batch: int, drop_prob: float, law: str, like: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One draw of a residual branch's per-sample factors (B,) under ``law`` and the divisor that
+    follows them (``branch * factors / divisor``), for paths that compute the branch on every
+    sample: ``bernoulli``: ``DropPath``'s 0/1 masks, drawn as it draws them, and ``1 - p``;
+    ``subset``: ``subset_factors`` and 1."""
+    if law == "subset":
+        return subset_factors(batch, drop_prob, like.device, like.dtype), 1.0
+    return like.new_empty((batch, 1, 1)).bernoulli_(1.0 - drop_prob).view(batch), 1.0 - drop_prob
+
+
 def add_branch_on_subset(x: torch.Tensor, indices: torch.Tensor, scale: float, branch_out: torch.Tensor) -> torch.Tensor:
     """``x`` (B, ...) plus ``scale * branch_out`` (k, ...) at the samples ``indices``."""
     return torch.index_add(x, 0, indices, branch_out.to(x.dtype), alpha=scale)

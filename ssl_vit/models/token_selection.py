@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_vit.models.stochastic_depth import subset_factors
+from ssl_vit.models.stochastic_depth import branch_factors
 
 
 @dataclass(frozen=True)
@@ -73,10 +73,8 @@ def drop_path_rows(x: torch.Tensor, selections: list[SelectedRows], drop_prob: f
     ``law="subset"``, subsets drawn as ``stochastic_depth.kept_subset`` draws them)."""
     if drop_prob == 0.0 or not training:
         return x
-    if law == "subset":
-        factors = [subset_factors(s.batch, drop_prob, x.device, x.dtype) for s in selections]
-        return x * torch.cat([f.index_select(0, s.samples) for f, s in zip(factors, selections)]).unsqueeze(-1)
-    keep = 1.0 - drop_prob
-    masks = [x.new_empty((s.batch, 1, 1)).bernoulli_(keep).view(s.batch) for s in selections]
-    per_row = torch.cat([mask.index_select(0, s.samples) for mask, s in zip(masks, selections)])
-    return x * per_row.unsqueeze(-1) / keep
+    draws = [branch_factors(s.batch, drop_prob, law, x) for s in selections]
+    per_row = torch.cat([factors.index_select(0, s.samples) for (factors, _), s in zip(draws, selections)])
+    scaled = x * per_row.unsqueeze(-1)
+    divisor = draws[0][1]
+    return scaled if divisor == 1.0 else scaled / divisor
