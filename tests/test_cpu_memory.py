@@ -47,7 +47,10 @@ def test_reuse_removes_the_page_faults_of_repeated_large_tensors():
     assert system == {"heap_reuse": False, "huge_pages": False, "faults_per_step": system["faults_per_step"]}
     assert system["faults_per_step"] > 5000  # 40 MB of fresh 4 KB pages each time (10,240 pages)
     assert reuse["heap_reuse"] and reuse["huge_pages"]
-    assert reuse["faults_per_step"] < 100
+    # Zero on an idle machine; one CI run saw 106 per step (about 1% of the system allocator's count,
+    # whatever the kernel took back of the retained heap meanwhile), so the bound is relative: reuse
+    # must remove at least 95% of the faults, which it cannot do without keeping the freed pages.
+    assert reuse["faults_per_step"] < system["faults_per_step"] / 20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages")
