@@ -52,24 +52,30 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import importlib.util
 import logging
-import math
-import re
-import statistics
+import sys
 import tempfile
-import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import ssl_vit  # noqa: F401  (first: it enables huge pages for large CPU blocks before Lightning allocates)
-import lightning as L
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 CONF = str(BENCH_DIR.parent / "conf")
+sys.path.insert(0, str(BENCH_DIR))
+# The sibling scripts that time the steps and print the results (re-exported for the tests).
+from step_speed_report import (  # noqa: E402
+    FLASH_BACKWARD, ConfigResult, PrecisionResult, Timing, flash_recompute_flops, flop_agreement, format_table,
+    min_ratios, parse_ratio_line, ratio_line,
+)
+from step_speed_timing import (  # noqa: E402
+    analytic_backbone_flops, matmul_ceiling, time_backbones, time_steps, unpruned_step_flops,
+)
+
+__all__ = ["FLASH_BACKWARD", "ConfigResult", "PrecisionResult", "Timing", "flash_recompute_flops", "flop_agreement",
+           "main", "min_ratios", "parse_ratio_line", "ratio_line", "resolve_precisions"]
 
 # Every configuration composes train.yaml (experiment=cpu, method=dinov2) with these overrides:
 # synthetic images (the step only sees pre-collated tensors of the configured shapes), the CPU,
@@ -108,23 +114,6 @@ CONFIGS: dict[str, Config] = {
 }
 DEFAULT_CONFIGS = ("vit_small", "cpu")
 LIGHTNING_PRECISION = {"fp32": "32", "bf16": "bf16-mixed"}
-RATIO_LINE = re.compile(r"^ratio ssl_vit/lightly=(?P<x>\S+) backbone ssl_vit/timm=(?P<y>\S+)$")
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def _sibling(name: str):
-    """A module of benchmarks/ (not a package) by file name."""
-    spec = importlib.util.spec_from_file_location(f"_ssl_vit_benchmarks_{name}", BENCH_DIR / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-_flops = _sibling("flops")  # FLOP counting with the CPU attention kernels registered
-count_flops, flop_counter, flops_by_op = _flops.count_flops, _flops.flop_counter, _flops.flops_by_op
-_reference = _sibling("lightly_dinov2")  # the lightly-built DINOv2 step
-_train_step = _sibling("train_step")  # the bare ssl_vit step (no Trainer)
-LightlyDINOv2, timm_vit = _reference.LightlyDINOv2, _reference.timm_vit
 
 
 def cpu_description() -> tuple[str, list[str]]:
@@ -164,23 +153,6 @@ def resolve_precisions(spec: str) -> tuple[list[str], list[str]]:
     return run, notes
 
 
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
-
-
-def median_range(values: list[float]) -> tuple[float, float, float]:
-    return statistics.median(values), min(values), max(values)
-
-
-def param_checksums(module: torch.nn.Module) -> list[float]:
-    with torch.no_grad():
-        return [float(p.detach().double().sum()) for p in module.parameters()]
-
-
-def changed_fraction(before: list[float], after: list[float]) -> float:
-    return sum(b != a for b, a in zip(before, after)) / max(len(before), 1)
-
-
 # ---------------------------------------------------------------------------------------------- config and data
 def compose_config(name: str, precision: str = "fp32", extra: tuple[str, ...] = ()):
     """The composed training config of configuration ``name`` at ``precision`` (fp32 | bf16)."""
@@ -211,19 +183,6 @@ def collated_batches(cfg, n: int):
     return datamodule, [datamodule.on_after_batch_transfer(next(loader), 0) for _ in range(n)]
 
 
-class InMemoryBatches(torch.utils.data.Dataset):
-    """``length`` items cycling over pre-collated batches (a DataLoader with batch_size=None)."""
-
-    def __init__(self, batches: list[dict], length: int):
-        self.batches, self.length = batches, length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int) -> dict:
-        return self.batches[index % len(self.batches)]
-
-
 def describe(cfg, batches: list[dict]) -> str:
     m, crops, head = cfg.model, cfg.method.crops, cfg.method.head
     masks = torch.cat([b["masks"] for b in batches])
@@ -233,220 +192,6 @@ def describe(cfg, batches: list[dict]) -> str:
             f"batch {cfg.data.batch_size}, 2x{crops.global_size} + {crops.n_local}x{crops.local_size} crops, "
             f"head {head.hidden_dim}-{head.bottleneck_dim}-{head.out_dim:,} prototypes; masks: "
             f"{masked_crops:.0%} of global crops, {ratio:.1%} of their patches on average")
-
-
-# ---------------------------------------------------------------------------------------------- lightly reference
-# (LightlyDINOv2, timm_vit: benchmarks/lightly_dinov2.py)
-
-
-# ---------------------------------------------------------------------------------------------- the alternation
-class Alternate(L.Callback):
-    """First callback of the ssl_vit Trainer: before each of the first ``n`` Trainer steps it
-    runs (and times) one reference step; it times each Trainer step from the end of that
-    reference step to the start of the next batch's hooks. Step 0 of each side is run under a
-    FLOP counter and not timed."""
-
-    def __init__(self, reference: LightlyDINOv2, n: int):
-        self.reference, self.n = reference, n
-        self.ssl_s: list[float] = []
-        self.ref_s: list[float] = []
-        self.ssl_flops: dict[str, int] = {}
-        self.ref_flops: dict[str, int] = {}
-        self.last_ref_loss: torch.Tensor | None = None
-        self.threads: int | None = None  # torch's thread count inside the Trainer's loop
-        self._index = 0
-        self._t0: float | None = None
-        self._counter = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self._t0 is not None:
-            self.ssl_s.append(now - self._t0)
-            self._t0 = None
-        i = self._index
-        self.threads = torch.get_num_threads()
-        if i < self.n:
-            if i == 0:
-                self.ref_flops = count_flops(lambda: self.reference.step(batch))
-            else:
-                start = time.perf_counter()
-                self.last_ref_loss = self.reference.step(batch)
-                self.ref_s.append(time.perf_counter() - start)
-            if i == 0:
-                self._counter = flop_counter()
-                self._counter.__enter__()
-            self._t0 = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._counter is not None:
-            self._counter.__exit__(None, None, None)
-            self.ssl_flops = flops_by_op(self._counter)
-            self._counter = None
-        self._index += 1
-
-
-@dataclass
-class Timing:
-    label: str
-    seconds: list[float]
-    flops: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.seconds)
-
-    @property
-    def total_flops(self) -> int:
-        return sum(self.flops.values())
-
-
-@dataclass
-class PrecisionResult:
-    precision: str
-    ssl_step: Timing
-    ref_step: Timing
-    ssl_backbone: Timing | None = None
-    timm_backbone: Timing | None = None
-    ssl_backbone_pruned: Timing | None = None  # the [CLS] forward as shipped (model.prune_last_block)
-    analytic_backbone_flops: float = 0.0
-    # FLOPs of the ssl_vit step with model.prune_last_block=false (every token through the last
-    # block, as the peers compute): the check that both sides do the same work before the saving.
-    unpruned_step_flops: dict[str, int] = field(default_factory=dict)
-    changed: dict[str, float] = field(default_factory=dict)  # fraction of parameters a run changed
-    losses: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def step_ratio(self) -> float:
-        return self.ref_step.median / self.ssl_step.median
-
-    @property
-    def backbone_ratio(self) -> float | None:
-        if self.ssl_backbone is None or self.timm_backbone is None:
-            return None
-        return self.timm_backbone.median / self.ssl_backbone.median
-
-
-@dataclass
-class ConfigResult:
-    name: str
-    description: str
-    results: list[PrecisionResult]
-
-
-def time_steps(cfg, datamodule, batches: list[dict], precision: str, warmup: int, steps: int,
-               out_dir: str) -> PrecisionResult:
-    """The ssl_vit Trainer and the lightly reference, alternating (see :class:`Alternate`)."""
-    from lightning.pytorch.callbacks import ModelSummary
-
-    from ssl_vit.build import build_method, build_trainer
-    from ssl_vit.callbacks import LastCheckpoint
-
-    bf16 = precision == "bf16"
-    n = 1 + warmup + steps  # FLOP-counted + warm-up + timed, per side
-    L.seed_everything(cfg.seed, verbose=False)
-    method = build_method(cfg, datamodule)  # its schedules planned over the configured run
-    reference = LightlyDINOv2(cfg, bf16)
-    trainer_cfg = copy.deepcopy(cfg)
-    trainer_cfg.trainer.max_steps = n + 1  # + 1 untimed step that closes the last interval
-    trainer = build_trainer(trainer_cfg, Path(out_dir), datamodule, knn=False)
-    # Out: the checkpoint callback (writes only at the end of these short fits) and the model summary (printed once).
-    trainer.callbacks[:] = [c for c in trainer.callbacks if not isinstance(c, (LastCheckpoint, ModelSummary))]
-    alternate = Alternate(reference, n)
-    trainer.callbacks.insert(0, alternate)
-    loader = torch.utils.data.DataLoader(InMemoryBatches(batches, n + 1), batch_size=None, shuffle=False)
-
-    before = {"ssl_vit student": param_checksums(method.student), "ssl_vit teacher": param_checksums(method.teacher),
-              "lightly student": param_checksums(reference.student),
-              "lightly teacher": param_checksums(reference.teacher)}
-    trainer.fit(method, train_dataloaders=loader)
-    if len(alternate.ssl_s) != n or len(alternate.ref_s) != n - 1:
-        raise RuntimeError(f"the Trainer ran {len(alternate.ssl_s)} timed steps, expected {n}")
-    if alternate.threads != torch.get_num_threads():  # both sides run in the Trainer's loop: a change hits both
-        print(f"    note: torch used {alternate.threads} threads inside the Trainer, {torch.get_num_threads()} outside")
-    after = {"ssl_vit student": param_checksums(method.student), "ssl_vit teacher": param_checksums(method.teacher),
-             "lightly student": param_checksums(reference.student),
-             "lightly teacher": param_checksums(reference.teacher)}
-    last_ref = alternate.last_ref_loss
-    losses = {"ssl_vit": float(trainer.callback_metrics.get("loss", float("nan"))),
-              "lightly": float("nan") if last_ref is None else float(last_ref)}
-    return PrecisionResult(
-        precision,
-        Timing("ssl_vit step (Trainer)", alternate.ssl_s[1 + warmup:], alternate.ssl_flops),
-        Timing("lightly step (plain loop)", alternate.ref_s[warmup:], alternate.ref_flops),
-        changed={k: changed_fraction(before[k], after[k]) for k in before},
-        losses=losses,
-    )
-
-
-def unpruned_step_flops(cfg, datamodule, batch: dict, precision: str) -> dict[str, int]:
-    """FLOPs by op of one bare ssl_vit step (``train_step.optimisation_step``) of ``cfg`` with
-    ``model.prune_last_block=false`` and ``model.drop_path_law=bernoulli``: the work the peers do,
-    for the FLOP agreement."""
-    from ssl_vit.build import build_method
-
-    unpruned = copy.deepcopy(cfg)
-    unpruned.model.prune_last_block = False
-    unpruned.model.drop_path_law = "bernoulli"  # every sample through every branch, as the peers compute it
-    method = build_method(unpruned, datamodule)
-    method.log = method.log_dict = lambda *args, **kwargs: None  # no Trainer attached
-    optimizer = method.configure_optimizers()
-    return count_flops(lambda: _train_step.optimisation_step(method, optimizer, batch, 0, "cpu", precision == "bf16"))
-
-
-def time_backbones(cfg, images: torch.Tensor, precision: str, warmup: int,
-                   steps: int) -> tuple[Timing, Timing, Timing]:
-    """Forward+backward of ssl_vit's VisionTransformer (every token through the last block, as
-    timm), timm's, and ssl_vit's as shipped (the [CLS] output computed with the last block
-    pruned), alternating."""
-    from ssl_vit.config import build_backbone_from_config
-
-    bf16 = precision == "bf16"
-    torch.manual_seed(cfg.seed)
-    # The architecture timm ships at this size: no LayerScale, no drop path.
-    plain = copy.deepcopy(cfg.model)
-    plain.init_values, plain.drop_path_rate = None, 0.0
-    ours = build_backbone_from_config(plain).train()
-    ours.set_attention_kernel(cfg.model.attention)  # as the training run sets it
-    ours.set_last_block_pruning(False)  # timm's work: every token through the last block
-    shipped = copy.deepcopy(ours)
-    shipped.set_last_block_pruning(True)
-    nets = {"ssl_vit backbone fwd+bwd": ours, "timm backbone fwd+bwd": timm_vit(cfg.model).train(),
-            "ssl_vit backbone, pruned": shipped}
-
-    def step(net) -> None:
-        net.zero_grad(set_to_none=True)
-        with autocast(bf16):
-            out = net(images)
-        out.float().square().mean().backward()
-
-    flops = {label: count_flops(lambda net=net: step(net)) for label, net in nets.items()}
-    times: dict[str, list[float]] = {label: [] for label in nets}
-    for i in range(warmup + steps):
-        for label, net in nets.items():
-            start = time.perf_counter()
-            step(net)
-            if i >= warmup:
-                times[label].append(time.perf_counter() - start)
-    return tuple(Timing(label, times[label], flops[label]) for label in nets)  # type: ignore[return-value]
-
-
-def analytic_backbone_flops(model_cfg, images: int) -> float:
-    """3x the forward FLOPs of the blocks (``forward_flops`` of benchmarks/backbone.py)."""
-    tokens = 1 + (model_cfg.img_size // model_cfg.patch_size) ** 2 + model_cfg.num_register_tokens
-    hidden = int(model_cfg.embed_dim * model_cfg.mlp_ratio)
-    return 3 * images * _sibling("backbone").forward_flops(model_cfg.depth, model_cfg.embed_dim, tokens, hidden)
-
-
-def matmul_ceiling(n: int, dtype: torch.dtype, repeats: int = 3) -> float:
-    """GFLOP/s of the best of ``repeats`` n x n x n products (after one warm-up)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def run_config(name: str, precisions: list[str], warmup: int, steps: int, n_batches: int, backbone: bool,
@@ -468,105 +213,7 @@ def run_config(name: str, precisions: list[str], warmup: int, steps: int, n_batc
                     cfg, images, precision, warmup, steps)
                 result.analytic_backbone_flops = analytic_backbone_flops(cfg.model, images.shape[0])
             results.append(result)
-    return ConfigResult(name, describe(cfg, batches), results)
-
-
-# ---------------------------------------------------------------------------------------------- report
-FLASH_BACKWARD = "aten._scaled_dot_product_flash_attention_for_cpu_backward"
-
-
-def flash_recompute_flops(flops: dict[str, int]) -> int:
-    """FLOPs the CPU flash-attention backward spends recomputing q @ k^T: one of the five equal
-    products of its count (torch's formula; q, k, v of one head width), work that an explicit
-    softmax(q k^T) v keeps from its forward pass."""
-    return flops.get(FLASH_BACKWARD, 0) // 5
-
-
-def flop_agreement(a: Timing, b: Timing, tolerance: float) -> tuple[float, list[str]]:
-    """The FLOP ratio b/a without the flash backward's recomputation, and lines reporting it
-    (op by op where the two differ by more than ``tolerance``)."""
-    ta, tb = a.total_flops, b.total_flops
-    if not ta or not tb:
-        return math.nan, [f"    FLOPs: not counted ({a.label}: {ta}, {b.label}: {tb})"]
-    name_a, name_b = a.label.split()[0], b.label.split()[0]
-    adjusted = (tb - flash_recompute_flops(b.flops)) / (ta - flash_recompute_flops(a.flops))
-    agree = abs(adjusted - 1) <= tolerance
-    line = f"    FLOPs {name_b}/{name_a} = {tb / ta:.4f}"
-    if flash_recompute_flops(a.flops) or flash_recompute_flops(b.flops):
-        line += (f"; {adjusted:.4f} without the CPU flash-attention backward's recomputation of q@k^T "
-                 f"(an explicit softmax(qk^T)v keeps the scores)")
-    lines = [line + f": {'agree' if agree else 'DIFFER'} within {tolerance:.0%}"]
-    if not agree:
-        lines.append("    by op (GFLOP): " + ", ".join(
-            f"{op} {a.flops.get(op, 0) / 1e9:.3f} vs {b.flops.get(op, 0) / 1e9:.3f}"
-            for op in sorted(set(a.flops) | set(b.flops))))
-    return adjusted, lines
-
-
-def format_table(result: ConfigResult, ceilings: dict[str, float], tolerance: float) -> str:
-    lines = [f"== {result.name}: {CONFIGS[result.name].title}", f"   {result.description}"]
-    header = f"   {'':30s} {'median s':>9s} {'min - max s':>17s} {'GFLOP/step':>11s} {'GFLOP/s':>8s} {'of ceiling':>10s}"
-    for r in result.results:
-        ceiling = ceilings.get(r.precision)
-        lines.append(f"  {r.precision}" + (f" (matmul ceiling {ceiling:.0f} GFLOP/s)" if ceiling else ""))
-        lines.append(header)
-        pairs = [(r.ssl_step, r.ref_step, "step", r.step_ratio)]
-        if r.ssl_backbone is not None:
-            pairs.append((r.ssl_backbone, r.timm_backbone, "backbone", r.backbone_ratio))
-        for ours, theirs, what, ratio in pairs:
-            for t in (ours, theirs):
-                med, lo, hi = median_range(t.seconds)
-                gflop = t.total_flops / 1e9
-                rate = gflop / med
-                of = f"{rate / ceiling:.0%}" if ceiling else "-"
-                lines.append(f"   {t.label:30s} {med:9.3f} {lo:8.3f} - {hi:6.3f} {gflop:11.2f} {rate:8.1f} {of:>10s}")
-            if what == "step" and r.unpruned_step_flops:
-                saved = 1 - ours.total_flops / sum(r.unpruned_step_flops.values())
-                lines.append(f"    FLOPs {theirs.label.split()[0]}/{ours.label.split()[0]} = "
-                             f"{theirs.total_flops / ours.total_flops:.4f} as timed: ssl_vit skips {saved:.1%} of "
-                             "its step's FLOPs (model.prune_last_block: the last block on the tokens a loss reads; "
-                             "with drop path, model.drop_path_law=subset: residual branches on the samples it keeps)")
-                unpruned = Timing("ssl_vit step, every token and sample", [], r.unpruned_step_flops)
-                lines.extend(flop_agreement(unpruned, theirs, tolerance)[1])
-            else:
-                lines.extend(flop_agreement(ours, theirs, tolerance)[1])
-            if what == "backbone" and r.analytic_backbone_flops:
-                lines.append(f"    analytic count of the blocks (benchmarks/backbone.py, 3x forward): "
-                             f"{r.analytic_backbone_flops / 1e9:.2f} GFLOP")
-            lines.append(f"    {what} ratio {theirs.label.split()[0]}/{ours.label.split()[0]} time = {ratio:.3f}"
-                         f"  (> 1: ssl_vit faster)")
-            if what == "backbone" and r.ssl_backbone_pruned is not None:
-                pruned = r.ssl_backbone_pruned
-                med, lo, hi = median_range(pruned.seconds)
-                lines.append(f"   {pruned.label:30s} {med:9.3f} {lo:8.3f} - {hi:6.3f} {pruned.total_flops / 1e9:11.2f}")
-                lines.append(f"    the [CLS] forward as shipped (model.prune_last_block: the last block on the "
-                             f"[CLS] tokens only): timm/ssl_vit time = {theirs.median / med:.3f}; not in the ratio line")
-        changed = ", ".join(f"{k} {v:.0%}" for k, v in r.changed.items())
-        lines.append(f"    parameters changed by the run: {changed}")
-        lines.append(f"    loss after the run: ssl_vit {r.losses.get('ssl_vit', float('nan')):.4f}, "
-                     f"lightly {r.losses.get('lightly', float('nan')):.4f} (different initialisations)")
-    return "\n".join(lines)
-
-
-def min_ratios(results: list[ConfigResult]) -> tuple[float, float]:
-    """(min lightly/ssl_vit step-time ratio, min timm/ssl_vit backbone-time ratio) over every
-    configuration and precision run; nan where nothing was measured."""
-    steps = [r.step_ratio for c in results for r in c.results]
-    backbones = [r.backbone_ratio for c in results for r in c.results if r.backbone_ratio is not None]
-    return (min(steps) if steps else math.nan), (min(backbones) if backbones else math.nan)
-
-
-def ratio_line(x: float, y: float) -> str:
-    return f"ratio ssl_vit/lightly={x:.3f} backbone ssl_vit/timm={y:.3f}"
-
-
-def parse_ratio_line(text: str) -> tuple[float, float]:
-    """The (x, y) of the last line of a run's output."""
-    last = text.strip().splitlines()[-1]
-    match = RATIO_LINE.match(last)
-    if not match:
-        raise ValueError(f"the output does not end with a ratio line: {last!r}")
-    return float(match["x"]), float(match["y"])
+    return ConfigResult(name, describe(cfg, batches), results, CONFIGS[name].title)
 
 
 # ---------------------------------------------------------------------------------------------- main
