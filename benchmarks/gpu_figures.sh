@@ -5,7 +5,10 @@
 #   2. the GPU tests (SSL_VIT_GPU_TESTS=1 pytest -m gpu): bf16 training on CUDA, the entry point
 #      there, and no device synchronisation between logging steps (tests/methods/test_host_sync.py);
 #   3. packed vs unpacked crops on the GPU (benchmarks/packing.py, ViT-S/16 bf16): whether
-#      model.pack_crops should be on by default there.
+#      model.pack_crops should be on by default there;
+#   4. model.compile on the GPU (benchmarks/train_step.py, the DINOv2 step of ViT-S/16, bf16,
+#      batch 64, eager then compiled block by block; the compilation falls in the warm-up steps).
+#      Last, so that a run cut short still brings back 1-3.
 # Results go to $OUT (the device tool's output folder) or ./gpu_figures.
 #
 # On this project's lent machines (the `device` tool) the image has torch, lightning, timm and
@@ -29,7 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 "${PYTHON:-python3}" -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" \
     | tee -a "$results/gpu.txt"
 # GPU_SETTINGS / GPU_BATCH / PYTHON: a quick check elsewhere, e.g. on the CPU:
-#   PYTHON=.venv/bin/python GPU_SETTINGS=tiny GPU_BATCH=8 bash benchmarks/gpu_figures.sh
+#   PYTHON=.venv/bin/python GPU_SETTINGS=tiny GPU_BATCH=8 PACKING_SETTINGS=tiny \
+#       COMPILE_OVERRIDES="model.depth=1 data.batch_size=4" bash benchmarks/gpu_figures.sh
 timeout 330 "${PYTHON:-python3}" benchmarks/gpu_utilisation.py --settings "${GPU_SETTINGS:-vit_base,vit_large_checkpointed}" \
     --batch "${GPU_BATCH:-64}" --json "$results/utilisation.json" 2>&1 | tee "$results/utilisation.txt"
 SSL_VIT_GPU_TESTS=1 timeout 150 "${PYTHON:-python3}" -m pytest -q -m gpu -p no:cacheprovider \
@@ -37,3 +41,8 @@ SSL_VIT_GPU_TESTS=1 timeout 150 "${PYTHON:-python3}" -m pytest -q -m gpu -p no:c
     | tee "$results/gpu_tests.txt"
 timeout 120 "${PYTHON:-python3}" benchmarks/packing.py --steps 5 --settings "${PACKING_SETTINGS:-vit_small}" \
     --precisions bf16 2>&1 | tail -12 | tee "$results/packing.txt"
+for compiled in false true; do
+    timeout 150 "${PYTHON:-python3}" benchmarks/train_step.py method=dinov2 model=vit_small data=synthetic \
+        method.crops.global_size=224 method.crops.local_size=96 method.crops.n_local=8 method.head.out_dim=65536 \
+        data.batch_size=64 ${COMPILE_OVERRIDES:-} model.compile=$compiled 2>&1 | tail -4
+done | tee "$results/compile.txt"

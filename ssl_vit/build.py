@@ -20,7 +20,7 @@ from ssl_vit.config import backbone_arch, to_dict
 from ssl_vit.data.collate import MultiCropCollator
 from ssl_vit.data.datamodule import SSLDataModule, default_normalization
 from ssl_vit.data.mae_transform import SingleViewTransform
-from ssl_vit.data.masking import BlockMaskGenerator
+from ssl_vit.data.masking import MIN_BLOCK_PATCHES, BlockMaskGenerator
 from ssl_vit.data.transforms import MultiCropTransform
 from ssl_vit.loggers import ResumableCSVLogger, wandb_run_id
 from ssl_vit.methods import METHODS
@@ -50,6 +50,15 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(
                 f"method.crops.{key}={size} is not a multiple of model.patch_size={patch}; "
                 f"crop sizes must be positive multiples of the patch size"
+            )
+    if cfg.method.get("ibot") and cfg.method.crops.augmentation != SINGLE_VIEW_AUGMENTATION:
+        side = cfg.method.crops.global_size // patch
+        if side * side // 2 < MIN_BLOCK_PATCHES:  # the block-mask generator's largest block < its smallest
+            raise ValueError(
+                f"method.crops.global_size={cfg.method.crops.global_size} with model.patch_size={patch} gives a "
+                f"{side}x{side} patch grid; iBOT's block masks (method.ibot) take {MIN_BLOCK_PATCHES} patches up to "
+                f"half the grid per block, so the global crops need a grid of 3x3 patches or more: a larger "
+                f"global crop or a smaller patch"
             )
     if cfg.data.get("batched_augmentation") and cfg.method.crops.augmentation == SINGLE_VIEW_AUGMENTATION:
         raise ValueError(f"data.batched_augmentation=true: method={cfg.method.name}'s one-view augmentation runs in "

@@ -80,6 +80,8 @@ VALIDATE_ERRORS = [
     (["data.val_size=-3"], r"data\.val_size=-3; allowed"),
     (["logger=wandb", "logger.mode=sometimes"], r"logger\.mode='sometimes'; allowed: one of auto, online"),
     (["method.crops.global_size=25"], r"method\.crops\.global_size=25 is not a multiple of model\.patch_size=4"),
+    (["method.crops.global_size=8", "method.crops.local_size=4"],
+     r"method\.crops\.global_size=8 with model\.patch_size=4 gives a 2x2 patch grid; iBOT's block masks"),
     (["trainer.max_steps=-1"], r"set trainer\.max_steps \(or trainer\.max_epochs\)"),
     (["method=mae", "method.mask_ratio=1.0"], r"method\.mask_ratio=1\.0; allowed: a number in \(0, 1\)"),
     (["method=mae", "model.pos_embed=rope"], r"rope"),
@@ -104,6 +106,13 @@ def test_validate_names_the_key_before_any_work(overrides, message):
     assert len(str(caught.value).splitlines()) <= 25
 
 
+def test_the_smallest_global_grid_for_block_masks_is_accepted_and_dino_needs_none():
+    """3x3 patches is the smallest grid DINOv2's block masks are drawn on (8 px was refused above);
+    DINO draws no masks, so it trains on 2x2."""
+    validate(compose_train(["method.crops.global_size=12", "method.crops.local_size=4"]))
+    validate(compose_train(["method=dino", "method.crops.global_size=8", "method.crops.local_size=4"]))
+
+
 def test_several_problems_are_reported_at_once():
     cfg = compose_train(["optim.lr=-1", "model.depth=0", "+method.foo=1"])
     with pytest.raises(ConfigError) as caught:
@@ -124,7 +133,7 @@ def test_every_recipe_passes_its_schema():
     for overrides in ([], ["method=dino"], ["method=mae"], ["experiment=dino_vits16"],
                       ["experiment=dinov2_vitl16_short"], ["method=mae", "experiment=mae_vitb16"],
                       ["logger=wandb"], ["logger=tensorboard"], ["data=synthetic"],
-                      ["model=vit_giant", "method.crops.global_size=28", "method.crops.local_size=14"]):
+                      ["model=vit_giant", "method.crops.global_size=42", "method.crops.local_size=14"]):
         validate(compose_train(overrides))
 
 

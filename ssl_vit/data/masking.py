@@ -64,6 +64,9 @@ _SHAPE_DRAWS_PER_ATTEMPT = 10
 _UNIFORM_CHUNK = 64
 
 LAWS = ("official", "bounded")
+# DINOv2's defaults: a block covers 4 patches at least and half the grid at most, so a grid needs
+# 8 patches (3 x 3) for the default generator to exist.
+MIN_BLOCK_PATCHES = 4
 
 
 def as_numpy_rng(rng: RngLike) -> Optional[np.random.Generator]:
@@ -125,7 +128,7 @@ class BlockMaskGenerator:
     def __init__(
         self,
         grid: Union[int, Sequence[int]],
-        min_num_patches: int = 4,
+        min_num_patches: int = MIN_BLOCK_PATCHES,
         max_num_patches: Optional[int] = None,
         min_aspect: float = 0.3,
         max_aspect: Optional[float] = None,
