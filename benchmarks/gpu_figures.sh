@@ -33,7 +33,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
     | tee -a "$results/gpu.txt"
 # GPU_SETTINGS / GPU_BATCH / PYTHON: a quick check elsewhere, e.g. on the CPU:
 #   PYTHON=.venv/bin/python GPU_SETTINGS=tiny GPU_BATCH=8 PACKING_SETTINGS=tiny \
-#       COMPILE_OVERRIDES="model.depth=1 data.batch_size=4" bash benchmarks/gpu_figures.sh
+#       COMPILE_OVERRIDES="model.depth=1 data.batch_size=4 method.crops.global_size=48 method.crops.local_size=16" \
+#       bash benchmarks/gpu_figures.sh
 timeout 330 "${PYTHON:-python3}" benchmarks/gpu_utilisation.py --settings "${GPU_SETTINGS:-vit_base,vit_large_checkpointed}" \
     --batch "${GPU_BATCH:-64}" --json "$results/utilisation.json" 2>&1 | tee "$results/utilisation.txt"
 SSL_VIT_GPU_TESTS=1 timeout 150 "${PYTHON:-python3}" -m pytest -q -m gpu -p no:cacheprovider \
