@@ -71,6 +71,10 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, float]:
     # The data module resumes mid-epoch through its own state (ssl_vit.data.sampler), which
     # Lightning's check for resumable DataLoaders does not see.
     warnings.filterwarnings("ignore", message=r".*resuming from a checkpoint that ended before the epoch ended")
+    # Printed by Lightning at every fit, nothing a user can act on: its own use of a torch pytree
+    # API that torch deprecated, and the model summary's size estimate under bf16 (it counts fp32).
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
     try:
         return train_and_evaluate(cfg, out_dir, datamodule, method, trainer, knn_skipped, start.ckpt_path)
     finally:

@@ -46,7 +46,9 @@ class LastCheckpoint(OptimizerStepCallback):
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.dir / step_file_name(trainer.global_step)
         tmp = final.with_name(final.name + ".tmp")
-        trainer.save_checkpoint(tmp)  # every rank takes part (sharded strategies); rank 0 writes
+        # The full state (optimizer, loops, callbacks) to resume from; said explicitly, which also keeps
+        # Lightning from logging its "weights_only was not set" line at every save.
+        trainer.save_checkpoint(tmp, weights_only=False)  # every rank takes part (sharded strategies); rank 0 writes
         if trainer.is_global_zero:
             os.replace(tmp, final)
             self._point_last_at(final)
