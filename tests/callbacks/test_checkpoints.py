@@ -21,7 +21,8 @@ class FakeTrainer:
     def __init__(self):
         self.global_step = 0
 
-    def save_checkpoint(self, path):
+    def save_checkpoint(self, path, weights_only=None):
+        assert weights_only is False  # the full state, to resume from
         torch.save({"global_step": self.global_step, "w": torch.full((100,), float(self.global_step))}, path)
 
 
