@@ -28,7 +28,7 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig
 
-from ssl_vit.cli import exit_2_on
+from ssl_vit.cli import exit_2_on, run_app
 
 TEACHER_KEY = "method.teacher.checkpoint"
 
@@ -134,4 +134,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -43,6 +43,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ssl_vit.cli import exit_2_on, run_app
+
 log = logging.getLogger("ssl_vit.evaluate")
 
 DEFAULT_DATASET = "fashion_mnist"
@@ -341,10 +343,11 @@ def run(cfg: DictConfig, out_dir: Path, data_group: str | None = None) -> dict[s
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
+@exit_2_on(ValueError, FileNotFoundError)  # its checks and the data's: all about the command line's input
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     run(cfg, Path(hydra_cfg.runtime.output_dir), data_group=hydra_cfg.runtime.choices.get("data"))
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -25,6 +25,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ssl_vit.cli import run_app
+
 
 def export(checkpoint: str | Path, out_dir: Path) -> dict[str, Any]:
     """Write ``backbone.safetensors`` and ``backbone.json`` for ``checkpoint`` into ``out_dir``."""
@@ -72,4 +74,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -24,7 +24,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ssl_vit.cli import exit_2_on
+from ssl_vit.cli import exit_2_on, run_app
 
 log = logging.getLogger("ssl_vit.visualize")
 
@@ -118,4 +118,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_app(main)

@@ -158,6 +158,16 @@ def test_command_line_exits_2_with_one_screen_and_no_traceback(overrides, key, t
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("app", ["evaluate", "export", "visualize", "cascade"])
+def test_every_app_refuses_an_unknown_key_with_exit_code_2(app, tmp_path):
+    """Hydra refuses the key before the app starts (its own exit code would be 1); every entry point
+    exits 2 for a command line it cannot run, as training does."""
+    result = subprocess.run([sys.executable, "-m", f"ssl_vit.{app}", "no_such_key=1", f"hydra.run.dir={tmp_path}"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no_such_key" in result.stderr
+
+
 def test_help_lists_every_key_of_the_run_with_type_default_and_rule():
     result = subprocess.run([sys.executable, "-m", "ssl_vit.train", "method=mae", "--help"],
                             capture_output=True, text=True, cwd=ROOT, timeout=300)

@@ -101,9 +101,24 @@ def test_cli_end_to_end_on_the_checkpoints_own_data(checkpoint, reference, tmp_p
 
 def test_cli_without_checkpoint_says_it_is_required(tmp_path):
     result = evaluate_cli(f"hydra.run.dir={tmp_path}")
-    assert result.returncode != 0
-    assert "checkpoint=PATH is required" in result.stderr
+    assert result.returncode == 2
+    assert "error: checkpoint=PATH is required" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "knn_top1=" not in result.stdout
+
+
+def test_cli_input_errors_exit_2_with_one_line(tmp_path):
+    """As the other apps: a missing file or a bad value is one ``error:`` line and exit code 2, and
+    so is a key evaluate.yaml does not have (refused by Hydra before the app starts)."""
+    missing = evaluate_cli(f"checkpoint={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path}/a")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"error: checkpoint='{tmp_path / 'nope.ckpt'}': no such file" in missing.stderr
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"")
+    bad_value = evaluate_cli(f"checkpoint={ckpt}", "knn.ks=[0]", f"hydra.run.dir={tmp_path}/b")
+    assert bad_value.returncode == 2 and "error: knn.ks=[0]" in bad_value.stderr
+    unknown_key = evaluate_cli(f"checkpoint={ckpt}", "data.batch_size=8", f"hydra.run.dir={tmp_path}/c")
+    assert unknown_key.returncode == 2 and "data.batch_size" in unknown_key.stderr
 
 
 def test_missing_file_and_bad_values_are_named(tmp_path):
