@@ -37,3 +37,17 @@ def cuda_device():
         pytest.fail("SSL_VIT_GPU_TESTS=1 but torch sees no CUDA device "
                     f"(torch {torch.__version__}, CUDA build {torch.version.cuda})")
     return torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def seeded_random_state():
+    """Every test starts from the same random state (torch, numpy, random), so a test's inputs do
+    not depend on which tests ran before it (a ``-k`` selection, a new test file, another order)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)

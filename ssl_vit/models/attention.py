@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_vit.models.layers import scaled_linear
 from ssl_vit.models.packing import PackedLayout
 from ssl_vit.models.pos_embed import apply_rope
 
@@ -56,9 +57,14 @@ class Attention(nn.Module):
             return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
         return F.scaled_dot_product_attention(q, k, v)
 
-    def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: RopeTables = None, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale`` (every ``forward*``): a LayerScale's gamma, folded into ``proj``."""
         batch, tokens, _ = x.shape
-        return self.proj(self.attend(self.qkv(x), batch, tokens, rope))
+        return self.project(self.attend(self.qkv(x), batch, tokens, rope), out_scale)
+
+    def project(self, attended: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The output projection, scaled per channel by ``out_scale`` if given (``scaled_linear``)."""
+        return scaled_linear(self.proj, attended, out_scale)
 
     def attend_first_token(self, x: torch.Tensor, rope: RopeTables) -> torch.Tensor:
         """The attention output (B, D), before ``proj``, of each sequence's first token ([CLS])
@@ -76,16 +82,18 @@ class Attention(nn.Module):
             k = apply_rope(k, *rope)
         return self.softmax_attention(q, k, v).reshape(batch, dim)
 
-    def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
+    def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables],
+                     out_scale: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Several groups of different sequence lengths: the projections run once on all tokens."""
-        return tokenwise(self.proj, self.attend_list(xs, ropes))
+        return tokenwise(lambda a: self.project(a, out_scale), self.attend_list(xs, ropes))
 
     def attend_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """``forward_list`` before the output projection: (B, T, D) per group."""
         qkv_groups = tokenwise(self.qkv, xs)
         return [self.attend(qkv, x.shape[0], x.shape[1], rope) for qkv, x, rope in zip(qkv_groups, xs, ropes)]
 
-    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables]) -> torch.Tensor:
+    def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables],
+                       out_scale: torch.Tensor | None = None) -> torch.Tensor:
         """Packed groups (see ``packing``): the projections run on the packed matrix, attention
         per group on views of it (block-diagonal: each sequence attends to itself)."""
         qkv_groups = layout.unpack(self.qkv(x))
@@ -93,7 +101,7 @@ class Attention(nn.Module):
             self.attend(qkv, batch, tokens, rope)
             for qkv, (batch, tokens), rope in zip(qkv_groups, layout.groups, ropes)
         ]
-        return self.proj(layout.pack(attended))
+        return self.project(layout.pack(attended), out_scale)
 
     def attention_map(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
         """Softmax attention weights (B, heads, T, T), computed explicitly for inspection."""

@@ -1,4 +1,5 @@
-"""Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x)))).
+"""Pre-LN transformer block: x + DropPath(LS(Attn(LN(x)))), then x + DropPath(LS(FFN(LN(x)))),
+with each LayerScale folded into its branch's output projection (``layers.scaled_linear``).
 
 Drop path follows ``drop_path_law`` (``stochastic_depth``): per-sample Bernoulli masks on the
 branch computed for every sample, or DINOv2's fixed-size subsets with the branch computed on the
@@ -45,6 +46,11 @@ class Block(nn.Module):
         self.drop_path2 = DropPath(drop_path)
         self.drop_path_law = "bernoulli"  # VisionTransformer.set_drop_path_law: the method's choice
 
+    def layer_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The gammas of ``ls1`` / ``ls2`` (None without LayerScale), folded into the branches'
+        output projections (``layers.scaled_linear``) rather than applied to their outputs."""
+        return tuple(ls.gamma if isinstance(ls, LayerScale) else None for ls in (self.ls1, self.ls2))
+
     def drops_subsets(self) -> bool:
         """Drop path by the subset law now (training, a non-zero rate): branches on kept samples only."""
         return self.training and self.drop_path_law == "subset" and self.drop_path1.drop_prob > 0.0
@@ -52,30 +58,33 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope: RopeTables = None) -> torch.Tensor:
         if self.drops_subsets():
             return self.forward_list([x], [rope])[0]
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), rope)))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        gamma1, gamma2 = self.layer_scales()
+        x = x + self.drop_path1(self.attn(self.norm1(x), rope, gamma1))
+        x = x + self.drop_path2(self.mlp(self.norm2(x), gamma2))
         return x
 
     def forward_list(self, xs: list[torch.Tensor], ropes: list[RopeTables]) -> list[torch.Tensor]:
         """The same computation for groups of different lengths (multi-crop), batching the
         per-token layers across groups; drop path stays per sample within each group."""
+        gamma1, gamma2 = self.layer_scales()
         if self.drops_subsets():
-            xs = add_residuals_on_subsets(xs, self.drop_path1.drop_prob, lambda kept: [
-                self.ls1(a) for a in self.attn.forward_list(tokenwise(self.norm1, kept), ropes)])
+            xs = add_residuals_on_subsets(xs, self.drop_path1.drop_prob, lambda kept: self.attn.forward_list(
+                tokenwise(self.norm1, kept), ropes, gamma1))
             return add_residuals_on_subsets(xs, self.drop_path2.drop_prob, lambda kept: tokenwise(
-                lambda t: self.ls2(self.mlp(self.norm2(t))), kept))
-        attended = self.attn.forward_list(tokenwise(self.norm1, xs), ropes)
-        xs = [x + self.drop_path1(self.ls1(a)) for x, a in zip(xs, attended)]
-        fed = tokenwise(lambda t: self.ls2(self.mlp(self.norm2(t))), xs)
+                lambda t: self.mlp(self.norm2(t), gamma2), kept))
+        attended = self.attn.forward_list(tokenwise(self.norm1, xs), ropes, gamma1)
+        xs = [x + self.drop_path1(a) for x, a in zip(xs, attended)]
+        fed = tokenwise(lambda t: self.mlp(self.norm2(t), gamma2), xs)
         return [x + self.drop_path2(f) for x, f in zip(xs, fed)]
 
     def forward_packed(self, x: torch.Tensor, layout: PackedLayout, ropes: list[RopeTables]) -> torch.Tensor:
         """The same computation on packed groups (``packing``): per-token layers once on the
         packed (tokens, width) matrix, attention per group, drop path per sequence."""
-        attended = self.attn.forward_packed(self.norm1(x), layout, ropes)
+        gamma1, gamma2 = self.layer_scales()
+        attended = self.attn.forward_packed(self.norm1(x), layout, ropes, gamma1)
         law = self.drop_path_law
-        x = x + drop_path_packed(self.ls1(attended), layout, self.drop_path1.drop_prob, self.training, law)
-        fed = self.ls2(self.mlp(self.norm2(x)))
+        x = x + drop_path_packed(attended, layout, self.drop_path1.drop_prob, self.training, law)
+        fed = self.mlp(self.norm2(x), gamma2)
         return x + drop_path_packed(fed, layout, self.drop_path2.drop_prob, self.training, law)
 
     def forward_selected(self, xs: list[torch.Tensor], ropes: list[RopeTables],
@@ -91,7 +100,8 @@ class Block(nn.Module):
             for n, rope, s in zip(normed, ropes, selections)])
         x = torch.cat([s.take(x) for s, x in zip(selections, xs)])
         law = self.drop_path_law
-        x = x + drop_path_rows(self.ls1(self.attn.proj(attended)), selections, self.drop_path1.drop_prob,
+        gamma1, gamma2 = self.layer_scales()
+        x = x + drop_path_rows(self.attn.project(attended, gamma1), selections, self.drop_path1.drop_prob,
                                self.training, law)
-        fed = self.ls2(self.mlp(self.norm2(x)))
+        fed = self.mlp(self.norm2(x), gamma2)
         return x + drop_path_rows(fed, selections, self.drop_path2.drop_prob, self.training, law)

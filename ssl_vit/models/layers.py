@@ -29,8 +29,21 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+def scaled_linear(linear: nn.Linear, x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """``linear(x) * scale`` (``scale``: per output channel, or None for ``linear(x)``), computed as
+    ``(scale * W) x + scale * b``: the scale multiplies the (out, in) weight instead of every
+    token's output, so neither the forward nor the backward makes a pass over the tokens for it,
+    and no branch output is kept for the scale's gradient. Equal up to float rounding."""
+    if scale is None:
+        return linear(x)
+    bias = None if linear.bias is None else linear.bias * scale
+    return F.linear(x, linear.weight * scale.unsqueeze(-1), bias)
+
+
 class LayerScale(nn.Module):
-    """Per-channel learnable scale of a residual branch (CaiT / DINOv2 ``ls1`` / ``ls2``)."""
+    """Per-channel learnable scale of a residual branch (CaiT / DINOv2 ``ls1`` / ``ls2``). The
+    blocks fold it into the branch's output projection (``scaled_linear``); ``forward`` is the
+    plain product."""
 
     def __init__(self, dim: int, init_values: float = 1e-5):
         super().__init__()
@@ -49,8 +62,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale``: a LayerScale's gamma, folded into ``fc2`` (``scaled_linear``)."""
+        return scaled_linear(self.fc2, self.act(self.fc1(x)), out_scale)
 
 
 class SwiGLU(nn.Module):
@@ -61,9 +75,10 @@ class SwiGLU(nn.Module):
         self.w12 = nn.Linear(dim, 2 * hidden_dim, bias=bias)
         self.w3 = nn.Linear(hidden_dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """``out_scale``: a LayerScale's gamma, folded into ``w3`` (``scaled_linear``)."""
         gate, value = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(gate) * value)
+        return scaled_linear(self.w3, F.silu(gate) * value, out_scale)
 
 
 def swiglu_hidden_dim(dim: int, mlp_ratio: float) -> int:

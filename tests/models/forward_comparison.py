@@ -29,7 +29,11 @@ def outputs_and_grads(model: VisionTransformer, forward, cls_key: str, patch_key
 
 
 def assert_same_outputs_and_grads(outs, grads, other_outs, other_grads) -> None:
-    """Outputs within 1e-5 (same keys and shapes), gradients within rtol 1e-4 / atol 1e-5."""
+    """Outputs within 1e-5 (same keys and shapes); each gradient within 1e-5 of its largest
+    element. Gradients are sums of many terms whose rounding scales with the terms, so an
+    element-wise relative bound fails on the elements that cancel (seen: 1.8e-5 over a
+    rtol 1e-4 / atol 1e-5 bound on one RoPE seed of ten; the largest error relative to the
+    tensor's largest element over those seeds was 1.1e-6)."""
     for out, other in zip(outs, other_outs):
         assert out.keys() == other.keys()
         for key in out:
@@ -37,4 +41,6 @@ def assert_same_outputs_and_grads(outs, grads, other_outs, other_grads) -> None:
             torch.testing.assert_close(other[key], out[key], rtol=0, atol=1e-5, msg=key)
     assert grads.keys() == other_grads.keys()
     for name in grads:
-        torch.testing.assert_close(other_grads[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+        scale = grads[name].abs().max().item()
+        error = (other_grads[name] - grads[name]).abs().max().item()
+        assert error <= 1e-5 * scale + 1e-8, f"{name}: gradients differ by {error:.2e} (largest element {scale:.2e})"
