@@ -1,6 +1,7 @@
 """Forward+backward throughput and peak memory of the backbone (optionally beside timm).
 
     python benchmarks/backbone.py --model vit_small --batch 16 --resolution 224 --compare-timm
+    python benchmarks/backbone.py --model vit_small --init-values 1e-5 --compare-timm   # with LayerScale
 
 Each (implementation, precision) runs in a fresh subprocess so that the CPU peak memory (max
 RSS) belongs to that configuration alone. Prints one line per configuration: images/s, achieved
@@ -32,7 +33,7 @@ def forward_flops(depth: int, dim: int, tokens: int, hidden: int) -> float:
     return depth * per_block
 
 
-def build(impl: str, model: str, resolution: int, patch_size: int | None):
+def build(impl: str, model: str, resolution: int, patch_size: int | None, init_values: float | None = None):
     import torch
 
     if impl == "ssl_vit":
@@ -41,12 +42,15 @@ def build(impl: str, model: str, resolution: int, patch_size: int | None):
         overrides = {"img_size": resolution}
         if patch_size:
             overrides["patch_size"] = patch_size
+        if init_values:
+            overrides["init_values"] = init_values
         return build_backbone(preset(model, **overrides))
     import timm
 
     if model not in TIMM_NAMES:
         raise SystemExit(f"--compare-timm supports {sorted(TIMM_NAMES)}, got {model!r}")
-    return timm.create_model(TIMM_NAMES[model], pretrained=False, num_classes=0, img_size=resolution)
+    return timm.create_model(TIMM_NAMES[model], pretrained=False, num_classes=0, img_size=resolution,
+                             init_values=init_values)
 
 
 def measure(args) -> dict:
@@ -54,7 +58,7 @@ def measure(args) -> dict:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    net = build(args.impl, args.model, args.resolution, args.patch_size).to(device).train()
+    net = build(args.impl, args.model, args.resolution, args.patch_size, args.init_values).to(device).train()
     images = torch.randn(args.batch, 3, args.resolution, args.resolution, device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -106,6 +110,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "both"], default="both")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--compare-timm", action="store_true", help="also time timm's ViT of the same size")
+    parser.add_argument("--init-values", type=float, default=None,
+                        help="LayerScale with this initial value, on both sides (default: none, as the presets)")
     parser.add_argument("--impl", default=None, help=argparse.SUPPRESS)  # set for the child process
     args = parser.parse_args()
 
@@ -124,7 +130,7 @@ def main() -> None:
     for precision in precisions:
         for impl in impls:
             cmd = [sys.executable, __file__, "--impl", impl, "--precision", precision]
-            for flag in ("model", "batch", "resolution", "steps", "warmup", "device", "patch_size"):
+            for flag in ("model", "batch", "resolution", "steps", "warmup", "device", "patch_size", "init_values"):
                 value = getattr(args, flag)
                 if value is not None:
                     cmd += [f"--{flag.replace('_', '-')}", str(value)]
