@@ -26,8 +26,9 @@ memory (no data loading is timed):
   biases / norms), one global gradient-norm clip, and the EMA by ``update_momentum``. Timed: the
   lr / weight-decay update, forward, backward, clipping, AdamW, zero_grad and EMA.
 * **backbones**: forward + backward (loss: mean square of the [CLS] output) of ssl_vit's
-  ``VisionTransformer`` (every token through the last block, as timm computes) and of timm's ``VisionTransformer`` as shipped (its defaults, only the
-  size set) on ``data.batch_size`` global crops.
+  ``VisionTransformer`` (every token through the last block, as timm computes) and of timm's
+  ``VisionTransformer`` as shipped (its defaults, only the size set) on ``data.batch_size`` global
+  crops.
 
 Both steps get the same model size, crops, batch, prototypes, masks (the project's collator:
 same masking ratio), precision and thread count; neither uses ``torch.compile``. Both run with

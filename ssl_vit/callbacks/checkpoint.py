@@ -1,6 +1,7 @@
 """Keeps DIR/checkpoints/ current: a checkpoint every N optimizer steps and/or every M minutes,
-at the end, and on a crash (unless a non-finite loss has spoilt the weights); the newest is ``last.ckpt``, the ``keep`` newest are kept as
-``step-XXXXXXX.ckpt`` beside it (older ones are deleted).
+at the end, and on a crash (unless a non-finite loss has spoilt the weights); the newest is
+``last.ckpt``, the ``keep`` newest are kept as ``step-XXXXXXX.ckpt`` beside it (older ones are
+deleted).
 
 Every file is written to a temporary name and renamed, so a run killed mid-write leaves the
 previous checkpoints intact (the temporary file is removed by the next start, see

@@ -4,7 +4,8 @@ Lightning turns every value logged with ``prog_bar=True`` into a Python number a
 which makes the host wait for an accelerator to finish the step (it can no longer queue the next
 one ahead). ``loss`` and ``knn_top1`` are logged without ``prog_bar``; this bar reads them from
 the Trainer's callback metrics every ``trainer.log_every_n_steps`` steps, when the logger reads
-them anyway, and shows those values (with their step) until the next read. The bar's counter moves every step.
+them anyway, and shows those values (with their step) until the next read. The bar's counter
+moves every step.
 """
 from __future__ import annotations
 

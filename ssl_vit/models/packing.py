@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_vit.models.stochastic_depth import branch_factors
+from ssl_vit.models.stochastic_depth import apply_branch_factors, branch_factors
 
 
 @dataclass(frozen=True)
@@ -64,6 +64,4 @@ def drop_path_packed(x: torch.Tensor, layout: PackedLayout, drop_prob: float, tr
     if drop_prob == 0.0 or not training:
         return x
     draws = [branch_factors(batch, drop_prob, law, x) for batch, _ in layout.groups]
-    scaled = x * layout.per_token([factors.view(-1, 1) for factors, _ in draws])
-    divisor = draws[0][1]
-    return scaled if divisor == 1.0 else scaled / divisor
+    return apply_branch_factors(x, layout.per_token([factors.view(-1, 1) for factors, _ in draws]), draws[0][1])

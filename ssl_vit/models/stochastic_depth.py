@@ -46,6 +46,13 @@ def branch_factors(batch: int, drop_prob: float, law: str, like: torch.Tensor) -
     return like.new_empty((batch, 1, 1)).bernoulli_(1.0 - drop_prob).view(batch), 1.0 - drop_prob
 
 
+def apply_branch_factors(branch: torch.Tensor, factors: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``branch * factors / divisor`` (``factors`` broadcast over the branch's rows; the division
+    skipped when ``divisor`` is 1, as under the subset law)."""
+    scaled = branch * factors
+    return scaled if divisor == 1.0 else scaled / divisor
+
+
 def add_branch_on_subset(x: torch.Tensor, indices: torch.Tensor, scale: float, branch_out: torch.Tensor) -> torch.Tensor:
     """``x`` (B, ...) plus ``scale * branch_out`` (k, ...) at the samples ``indices``."""
     return torch.index_add(x, 0, indices, branch_out.to(x.dtype), alpha=scale)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_vit.models.stochastic_depth import branch_factors
+from ssl_vit.models.stochastic_depth import apply_branch_factors, branch_factors
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,4 @@ def drop_path_rows(x: torch.Tensor, selections: list[SelectedRows], drop_prob: f
         return x
     draws = [branch_factors(s.batch, drop_prob, law, x) for s in selections]
     per_row = torch.cat([factors.index_select(0, s.samples) for (factors, _), s in zip(draws, selections)])
-    scaled = x * per_row.unsqueeze(-1)
-    divisor = draws[0][1]
-    return scaled if divisor == 1.0 else scaled / divisor
+    return apply_branch_factors(x, per_row.unsqueeze(-1), draws[0][1])

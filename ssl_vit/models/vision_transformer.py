@@ -270,8 +270,8 @@ class VisionTransformer(nn.Module):
         the wanted patches in the flattened (B * N) patch tokens (as ``mask.reshape(-1).nonzero()``;
         unlike a mask they need no host synchronisation on an accelerator), as
         ``{"x_norm_clstoken": (B, D), "x_norm_selected_patchtokens": (M, D)}``, the M patches in
-        row-major order (as ``x_norm_patchtokens[patches]``), or in the order of the indices. Lists of image batches, masks and patches give a list
-        of dicts (multi-crop). Pruned (``set_last_block_pruning``), the last block and the final
+        row-major order (as ``x_norm_patchtokens[patches]``), or in the order of the indices. Lists
+        of image batches, masks and patches give a list of dicts (multi-crop). Pruned (``set_last_block_pruning``), the last block and the final
         norm compute these tokens only."""
         single = not isinstance(images, (list, tuple))
         images = [images] if single else list(images)
